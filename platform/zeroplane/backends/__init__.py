@@ -1,0 +1,1 @@
+"""Where training jobs run: the Ray Jobs API."""

@@ -1,0 +1,1 @@
+"""The zeroplane command line (Click)."""

@@ -1,0 +1,542 @@
+"""``zeroplane``: nouns then verbs. Each command parses, calls :mod:`zeroplane.sdk`, renders.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage error or invalid spec. Read commands take ``-o json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import click
+
+from .. import __version__
+from ..errors import SpecError, ZeroplaneError
+
+OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+                      help="Output format.")
+ADDRESS = click.option("--address", envvar="RAY_ADDRESS", default=None,
+                       help="Ray dashboard URL (http://host:8265) or GCS address; default: RAY_ADDRESS, then the "
+                            "local head from `zeroplane cluster up`.")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _table(title: Optional[str], columns: List[str], rows: List[List[Any]]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, show_lines=False)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    _console().print(t)
+
+
+def _client(address: Optional[str]):
+    from ..sdk import Client
+
+    return Client(address)
+
+
+def _fmt(x: Optional[float], nd: int = 3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+class _Main(click.Group):
+    """Turns unexpected exceptions into one line (and keeps tracebacks for ZEROPLANE_DEBUG=1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a bug or an environment problem: say it in one line, exit 1
+            if os.environ.get("ZEROPLANE_DEBUG"):
+                raise
+            raise ZeroplaneError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                                 "(set ZEROPLANE_DEBUG=1 for the traceback)") from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="zeroplane")
+def main() -> None:
+    """zeroplane: train Hugging Face causal LMs with DeepSpeed ZeRO on Ray Train, promote checkpoints
+    to model versions, and serve them with Ray Serve."""
+
+
+# ---------------------------------------------------------------- cluster
+@main.group()
+def cluster() -> None:
+    """Start, inspect and stop the Ray cluster zeroplane talks to."""
+
+
+@cluster.command("up")
+@click.option("--num-cpus", type=int, default=None, help="CPUs the local head offers (default: max(cores, 4)).")
+@click.option("--dashboard-port", type=int, default=None, help="Dashboard port (default 8265 if free).")
+@click.option("--serve-port", type=int, default=None, help="Ray Serve HTTP port (default 8000 if free).")
+@OUTPUT
+def cluster_up(num_cpus, dashboard_port, serve_port, output) -> None:
+    """Start the embedded local Ray head (or return the one already running)."""
+    from ..cluster import start_local_head
+
+    with _console().status("starting a local Ray head"):
+        info = start_local_head(num_cpus=num_cpus, dashboard_port=dashboard_port, serve_http_port=serve_port)
+    if output == "json":
+        return _json(info.to_dict())
+    click.echo(f"Ray head up: dashboard {info.dashboard_url}, GCS {info.address}, Serve port {info.serve_http_port}")
+
+
+@cluster.command("down")
+@click.option("--grace-s", type=float, default=10.0, show_default=True, help="Seconds between SIGTERM and SIGKILL.")
+def cluster_down(grace_s) -> None:
+    """Stop the local Ray head zeroplane started (and only that)."""
+    from ..cluster import stop_local_head
+
+    pids = stop_local_head(grace_s=grace_s)
+    click.echo(f"stopped {len(pids)} processes" if pids else "no local zeroplane cluster was running")
+
+
+@cluster.command("status")
+@ADDRESS
+@OUTPUT
+def cluster_status_cmd(address, output) -> None:
+    """Nodes, resources and jobs of the cluster."""
+    from ..cluster import apply_auth_env, cluster_status, resolve_cluster
+
+    apply_auth_env()
+    st = cluster_status(resolve_cluster(address))
+    if output == "json":
+        return _json(st)
+    click.echo(f"cluster {st.get('dashboard_url')} alive={st.get('alive')} resources={st.get('resources')} jobs={st.get('jobs')}")
+    _table("nodes", ["node", "ip", "alive", "CPUs", "GPUs"],
+           [[n.get("node_id", "")[:12], n.get("ip"), n.get("alive"), n.get("cpus"), n.get("gpus")] for n in st.get("nodes", [])])
+
+
+# ---------------------------------------------------------------- spec
+@main.group()
+def spec() -> None:
+    """Validate job specs and print their schema."""
+
+
+@spec.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. train.max_steps=10.")
+def spec_validate(file, overrides) -> None:
+    """Check a job spec; exit 2 with the field, value and fix when it is invalid."""
+    from ..spec import load_spec
+
+    s = load_spec(file, list(overrides))
+    click.echo(f"{file}: valid (job {s.name}, {s.model.architecture}/{s.model.preset or 'custom'}, "
+               f"ZeRO-{s.deepspeed.zero_stage}, {s.scaling.num_workers} workers, {s.train.max_steps} steps)")
+
+
+@spec.command("schema")
+def spec_schema() -> None:
+    """Print the JSON schema of job specs (every field with its description)."""
+    from ..spec import json_schema
+
+    _json(json_schema())
+
+
+# ---------------------------------------------------------------- train
+@main.group()
+def train() -> None:
+    """Submit and follow training jobs."""
+
+
+@train.command("submit")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. train.max_steps=10.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved spec, DeepSpeed config and Ray job request; submit nothing.")
+@click.option("--wait", is_flag=True, help="Follow progress until the job ends; exit 0 on success, 1 otherwise.")
+@ADDRESS
+@OUTPUT
+def train_submit(file, overrides, dry_run, wait, address, output) -> None:
+    """Submit the job spec FILE as a Ray Job running a Ray Train TorchTrainer with DeepSpeed."""
+    from ..sdk import Client
+    from ..spec import load_spec
+
+    s = load_spec(file, list(overrides))
+    if dry_run:
+        return _json(Client.plan(s))
+    zp = _client(address)
+    res = zp.submit(s)
+    job_id = res["job_id"]
+    if output == "json" and not wait:
+        return _json(res)
+    _err(f"submitted {job_id} to {zp.cluster.dashboard_url}; checkpoints in {res['storage']}")
+    if wait:
+        status = _follow(zp, job_id, s.train.max_steps)
+        if output == "json":
+            _json(zp.status(job_id))
+        if status != "SUCCEEDED":
+            raise ZeroplaneError(f"job {job_id} {status}: {zp.jobs.info(job_id).get('message') or ''} "
+                                 f"(`zeroplane train logs {job_id}`)")
+    else:
+        click.echo(job_id)
+
+
+def _follow(zp, job_id: str, max_steps: int) -> str:
+    """Live progress bar (step, loss, tokens/s) until the job ends; returns its status."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    state: Dict[str, Any] = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=_console(), transient=False) as bar:
+        task = bar.add_task(job_id, total=max_steps, info="waiting for workers")
+
+        def on_event(ev: Dict[str, Any]) -> None:
+            kind = ev.get("event")
+            if kind == "start":
+                bar.update(task, completed=ev.get("start_step", 0),
+                           info=f"{ev.get('parameters', 0) / 1e6:.2f}M params, ZeRO-{ev.get('zero_stage')}, "
+                                f"{ev.get('world_size')} workers")
+            elif kind == "eval" and ev.get("step") == 0:
+                state["val0"] = ev["val_loss"]
+                bar.console.print(f"step 0: val_loss {ev['val_loss']:.4f}")
+            elif kind == "step":
+                state["last"] = ev
+                bar.update(task, completed=ev["step"],
+                           info=f"loss {ev['loss']:.4f}  {ev['tokens_per_s']:,.0f} tok/s")
+                if "val_loss" in ev:
+                    bar.console.print(f"step {ev['step']}: train_loss {ev['loss']:.4f} val_loss {ev['val_loss']:.4f}")
+            elif kind == "checkpoint":
+                bar.console.print(f"step {ev['step']}: checkpoint {ev['path']}")
+            elif kind == "resumed":
+                bar.console.print(f"resumed at step {ev['step']} from {ev['from']}")
+            elif kind == "done":
+                state["done"] = ev
+
+        status = zp.wait(job_id, on_event=on_event)
+    done = state.get("done")
+    if done:
+        click.echo(f"{job_id} {status}: validation loss {_fmt(done.get('val_loss_step0'), 4)} at step 0 -> "
+                   f"{_fmt(done.get('val_loss'), 4)} at step {done.get('step')}")
+    else:
+        click.echo(f"{job_id} {status}")
+    return status
+
+
+@train.command("status")
+@click.argument("job_id")
+@ADDRESS
+@OUTPUT
+def train_status(job_id, address, output) -> None:
+    """Status, latest step and losses of a job."""
+    info = _client(address).status(job_id)
+    if output == "json":
+        return _json(info)
+    p = info.get("progress") or {}
+    click.echo(f"{job_id}: {info['status']}"
+               + (f"  step {p.get('step')}/{p.get('max_steps')} loss {_fmt(p.get('loss'), 4)} "
+                  f"{p.get('tokens_per_s', 0):,.0f} tok/s" if p else "")
+               + (f"  val_loss {_fmt(info.get('val_loss_step0'), 4)} (step 0) -> {_fmt(info.get('val_loss'), 4)}"
+                  if info.get("val_loss") is not None else ""))
+    if info.get("message") and info["status"] in ("FAILED", "STOPPED"):
+        click.echo(f"  {info['message'].strip().splitlines()[-1]}")
+
+
+@train.command("logs")
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@ADDRESS
+def train_logs(job_id, follow, address) -> None:
+    """The job's driver log (worker output included)."""
+    zp = _client(address)
+    if follow:
+        for chunk in zp.follow_logs(job_id):
+            click.echo(chunk, nl=False)
+    else:
+        click.echo(zp.jobs.logs(job_id), nl=False)
+
+
+@train.command("list")
+@ADDRESS
+@OUTPUT
+def train_list(address, output) -> None:
+    """zeroplane jobs on the cluster, newest first."""
+    jobs = _client(address).jobs.list()
+    if output == "json":
+        return _json(jobs)
+    fmt = lambda ms: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else ""  # noqa: E731
+    _table(None, ["job", "status", "started", "ended"], [[j["job_id"], j["status"], fmt(j["start_time"]), fmt(j["end_time"])] for j in jobs])
+
+
+@train.command("stop")
+@click.argument("job_id")
+@click.option("--wait-s", type=float, default=120.0, show_default=True, help="How long to wait for the job to end.")
+@ADDRESS
+def train_stop(job_id, wait_s, address) -> None:
+    """Stop a job and wait until it has ended."""
+    st = _client(address).jobs.stop(job_id, wait_s=wait_s)
+    click.echo(f"{job_id}: {st}")
+
+
+# ---------------------------------------------------------------- checkpoints
+@main.group()
+def checkpoints() -> None:
+    """Checkpoints of training jobs."""
+
+
+@checkpoints.command("list")
+@click.argument("job_id")
+@click.option("--storage", default=None, help="Storage root (default: the job's checkpoint.storage_path).")
+@click.option("--all", "include_incomplete", is_flag=True, help="Also show incomplete checkpoints and why.")
+@ADDRESS
+@OUTPUT
+def checkpoints_list(job_id, storage, include_incomplete, address, output) -> None:
+    """Complete checkpoints of JOB_ID, oldest first."""
+    if storage:
+        from ..checkpoints import list_checkpoints
+        from ..storage import Storage
+
+        cks = list_checkpoints(Storage.from_uri(storage), job_id, include_incomplete)
+    else:
+        cks = _client(address).checkpoints(job_id, include_incomplete=include_incomplete)
+    if output == "json":
+        return _json([c.to_dict() for c in cks])
+    if not cks:
+        click.echo(f"no complete checkpoints for {job_id}")
+        return
+    _table(None, ["step", "complete", "val_loss", "train_loss", "MB", "uri"] + (["reason"] if include_incomplete else []),
+           [[c.step, c.complete, _fmt(c.metrics.get("val_loss"), 4), _fmt(c.metrics.get("train_loss"), 4),
+             f"{c.size_bytes / 1e6:.1f}", c.uri] + ([c.reason] if include_incomplete else []) for c in cks])
+
+
+# ---------------------------------------------------------------- promote / models
+@main.command("promote")
+@click.argument("ref")
+@click.option("--name", required=True, help="Model name for the registry ([a-z0-9-]).")
+@click.option("--storage", default=None, help="Storage root (default: the job's checkpoint.storage_path).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--no-deploy", is_flag=True, help="Register only; do not deploy with Ray Serve.")
+@click.option("--min-replicas", type=int, default=None, help="Override serve.autoscaling.min_replicas.")
+@click.option("--max-replicas", type=int, default=None, help="Override serve.autoscaling.max_replicas.")
+@click.option("--target-ongoing-requests", type=float, default=None, help="Override serve.autoscaling.target_ongoing_requests.")
+@click.option("--no-auth", is_flag=True, help="Serve WITHOUT API keys (local experiments only).")
+@click.option("--dry-run", is_flag=True, help="Show the checkpoint that would be promoted and the Serve config; change nothing.")
+@ADDRESS
+@OUTPUT
+def promote_cmd(ref, name, storage, dtype, no_deploy, min_replicas, max_replicas, target_ongoing_requests,
+                no_auth, dry_run, address, output) -> None:
+    """Consolidate the newest complete checkpoint of REF (a job id, JOB@STEP or a checkpoint path),
+    verify it, register it as NAME:v<N> and deploy it with Ray Serve."""
+    from ..registry import check_model_name
+
+    check_model_name(name)
+    overrides: Dict[str, Any] = {"autoscaling": {k: v for k, v in {
+        "min_replicas": min_replicas, "max_replicas": max_replicas,
+        "target_ongoing_requests": target_ongoing_requests}.items() if v is not None}}
+    if no_auth:
+        overrides["auth"] = False
+        _err("WARNING: --no-auth: the endpoint will answer anyone who can reach it")
+    zp = _client(address)
+    if dry_run:
+        from ..promote import resolve_checkpoint
+        from ..registry import Registry
+        from ..serving import app_config
+        from ..storage import Storage
+
+        st = Storage.from_uri(storage) if storage else zp.storage_of(ref.partition("@")[0])
+        ck = resolve_checkpoint(st, ref)
+        version = Registry(st).next_version(name)
+        spec_serve = st.read_json(f"{ck.path}/meta.json").get("spec", {}).get("serve", {})
+        return _json({"checkpoint": ck.to_dict(), "would_register": f"{name}:{version}",
+                      "serve_application": None if no_deploy else app_config(
+                          name, {"version": version, "uri": st.uri_of(Registry(st).version_dir(name, version))},
+                          st.uri, spec_serve, overrides)})
+    console = _console()
+    with console.status("promoting") as status:
+        rec = zp.promote(ref, name, storage=storage, deploy=not no_deploy, dtype=dtype, overrides=overrides,
+                         progress=lambda m: (status.update(m), console.print(f"  {m}")))
+    if output == "json":
+        return _json(rec)
+    v = rec["verification"]
+    click.echo(f"registered {name}:{rec['version']} from {rec['source']['job_id']} step {rec['source']['step']} "
+               f"(probe max |Δlogit| {v['max_abs_logit_diff']:.2e}) at {rec['uri']}")
+    if rec.get("url"):
+        click.echo(f"serving at {rec['url']}/v1/completions")
+
+
+@main.group()
+def models() -> None:
+    """Registered model versions."""
+
+
+@models.command("list")
+@click.argument("name", required=False)
+@click.option("--storage", default=None, help="Storage root (default: $ZEROPLANE_STORAGE or ~/.zeroplane/storage).")
+@OUTPUT
+def models_list(name, storage, output) -> None:
+    """Models, or the versions of NAME."""
+    from ..registry import Registry
+    from ..sdk import default_storage
+    from ..storage import Storage
+
+    reg = Registry(Storage.from_uri(storage or default_storage()))
+    rows = []
+    for m in ([name] if name else reg.models()):
+        for v in reg.versions(m):
+            rows.append(v)
+    if output == "json":
+        return _json(rows)
+    _table(None, ["model", "version", "job", "step", "val_loss", "registered", "uri"],
+           [[r["name"], r["version"], r["source"]["job_id"], r["source"]["step"], _fmt((r.get("metrics") or {}).get("val_loss"), 4),
+             r.get("registered_at", "")[:19], r["uri"]] for r in rows])
+
+
+# ---------------------------------------------------------------- serve
+@main.group()
+def serve() -> None:
+    """Ray Serve applications of registered models, and their API keys."""
+
+
+@serve.command("status")
+@ADDRESS
+@OUTPUT
+def serve_status(address, output) -> None:
+    """Applications, their versions, status and replicas."""
+    sc = _client(address).serve_client()
+    apps = sc.applications()
+    rows = []
+    for name, d in apps.items():
+        args = (d.get("deployed_app_config") or {}).get("args") or {}
+        deps = d.get("deployments") or {}
+        replicas = sum(len(x.get("replicas") or []) for x in deps.values())
+        rows.append({"name": name, "version": args.get("version"), "status": d.get("status"),
+                     "replicas": replicas, "route_prefix": d.get("route_prefix"), "url": sc.url(name)})
+    if output == "json":
+        return _json(rows)
+    _table(None, ["app", "version", "status", "replicas", "url"],
+           [[r["name"], r["version"], r["status"], r["replicas"], r["url"]] for r in rows])
+
+
+@serve.command("deploy")
+@click.argument("ref")
+@click.option("--storage", default=None, help="Storage root (default: $ZEROPLANE_STORAGE or ~/.zeroplane/storage).")
+@click.option("--no-auth", is_flag=True, help="Serve WITHOUT API keys (local experiments only).")
+@ADDRESS
+def serve_deploy(ref, storage, no_auth, address) -> None:
+    """Deploy a registered version NAME[:vN] (newest by default); also how to roll back."""
+    from ..registry import parse_ref
+
+    name, version = parse_ref(ref)
+    if no_auth:
+        _err("WARNING: --no-auth: the endpoint will answer anyone who can reach it")
+    url = _client(address).deploy(name, version, storage=storage, overrides={"auth": False} if no_auth else None,
+                                  progress=lambda m: _err(f"  {m}"))
+    click.echo(f"serving {ref} at {url}/v1/completions")
+
+
+@serve.command("delete")
+@click.argument("name")
+@ADDRESS
+def serve_delete(name, address) -> None:
+    """Remove the Serve application of model NAME."""
+    _client(address).serve_client().delete(name)
+    click.echo(f"deleted application {name}")
+
+
+@serve.group("keys")
+def keys() -> None:
+    """API keys for the serving endpoints (stored hashed in the storage)."""
+
+
+@keys.command("create")
+@click.option("--name", "key_name", default=None, help="A label for the key.")
+@click.option("--storage", default=None, help="Storage root (default: $ZEROPLANE_STORAGE or ~/.zeroplane/storage).")
+@click.option("--save", is_flag=True, help="Also save the key to ~/.zeroplane/api_key for `zeroplane complete`.")
+def keys_create(key_name, storage, save) -> None:
+    """Create a key; it is printed once and only its hash is stored."""
+    from ..sdk import default_storage
+    from ..serve_keys import create_key
+
+    key, rec = create_key(storage or default_storage(), key_name)
+    if save:
+        path = _api_key_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        _err(f"saved to {path}")
+    click.echo(key)
+    _err(f"key id {rec['id']} created; it will not be shown again")
+
+
+@keys.command("list")
+@click.option("--storage", default=None, help="Storage root (default: $ZEROPLANE_STORAGE or ~/.zeroplane/storage).")
+@OUTPUT
+def keys_list(storage, output) -> None:
+    """Key ids, labels and whether they are revoked (never the keys)."""
+    from ..sdk import default_storage
+    from ..serve_keys import list_keys
+
+    rows = list_keys(storage or default_storage())
+    if output == "json":
+        return _json(rows)
+    _table(None, ["id", "name", "created", "revoked"], [[r["id"], r.get("name"), r.get("created_at"), r.get("revoked")] for r in rows])
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.option("--storage", default=None, help="Storage root (default: $ZEROPLANE_STORAGE or ~/.zeroplane/storage).")
+def keys_revoke(key_id, storage) -> None:
+    """Revoke a key by id (takes effect within seconds)."""
+    from ..sdk import default_storage
+    from ..serve_keys import revoke_key
+
+    revoke_key(storage or default_storage(), key_id)
+    click.echo(f"revoked {key_id}")
+
+
+def _api_key_path() -> Path:
+    from ..cluster import state_dir
+
+    return state_dir() / "api_key"
+
+
+# ---------------------------------------------------------------- complete
+@main.command("complete")
+@click.argument("name")
+@click.argument("prompt")
+@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True, help="New tokens to generate.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--api-key", envvar="ZEROPLANE_API_KEY", default=None,
+              help="Bearer key (default: $ZEROPLANE_API_KEY, then ~/.zeroplane/api_key).")
+@ADDRESS
+@OUTPUT
+def complete_cmd(name, prompt, max_tokens, temperature, seed, api_key, address, output) -> None:
+    """Ask the deployed model NAME to continue PROMPT (an HTTP request to its Serve endpoint)."""
+    from ..registry import check_model_name
+    from ..sdk import complete
+
+    check_model_name(name)
+    if api_key is None and _api_key_path().exists():
+        api_key = _api_key_path().read_text().strip()
+    url = _client(address).serve_client().url(name)
+    res = complete(url, prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, api_key=api_key)
+    if output == "json":
+        return _json(res)
+    click.echo(prompt + res["choices"][0]["text"])
+    _err(f"[{res['model']}, {res['usage']['completion_tokens']} new tokens]")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

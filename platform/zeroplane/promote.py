@@ -1,0 +1,195 @@
+"""Promotion: ZeRO checkpoint -> consolidated Hugging Face folder -> verified -> registered version.
+
+Deployment of the registered version is :mod:`zeroplane.serving`. torch, transformers and deepspeed
+are imported inside the functions that need them, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from .checkpoints import CheckpointInfo, inspect_checkpoint, latest_complete, step_of
+from .errors import NotFoundError, SpecError, ZeroplaneError
+from .registry import Registry
+from .storage import Storage
+
+#: Largest allowed |logit difference| between the promoted model and the checkpoint-time probe, per
+#: dtype. fp32: consolidation copies the fp32 master weights bit for bit, so differences are only
+#: summation-order noise (~1e-6); bf16/fp16 casts of the weights move logits by ~1e-2 of their scale.
+PROBE_ATOL = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
+
+
+def resolve_checkpoint(storage: Storage, ref: str) -> CheckpointInfo:
+    """Find a complete checkpoint from ``<job_id>`` (newest), ``<job_id>@<step>`` or a checkpoint URI.
+
+    Raises:
+        NotFoundError: nothing complete matches (the message says what was found instead).
+    """
+    if ref.startswith("s3://") or os.path.sep in ref:
+        path = ref[len("s3://"):] if ref.startswith("s3://") else str(Path(os.path.expanduser(ref)).resolve())
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        job_id = path.rstrip("/").rsplit("/", 2)[-2] if "/" in path.rstrip("/") else "?"
+        if step_of(name) is None:
+            raise NotFoundError(f"{ref!r} is not a checkpoint folder (expected …/checkpoint_step_NNNNNNN)")
+        info = inspect_checkpoint(storage, job_id, path)
+        if not info.complete:
+            raise NotFoundError(f"checkpoint {ref} is not complete ({info.reason}); it cannot be promoted")
+        return info
+    job_id, _, step = ref.partition("@")
+    if step:
+        from .checkpoints import list_checkpoints
+
+        for c in list_checkpoints(storage, job_id):
+            if str(c.step) == step:
+                return c
+        raise NotFoundError(f"job {job_id!r} has no complete checkpoint at step {step}; see `zeroplane checkpoints list {job_id}`")
+    info = latest_complete(storage, job_id)
+    if info is None:
+        raise NotFoundError(
+            f"job {job_id!r} has no complete checkpoint in {storage.uri}; is the job id right and has it reached "
+            "its first checkpoint? (`zeroplane checkpoints list JOB`)"
+        )
+    return info
+
+
+def consolidate(local_ckpt: Path, out_dir: Path, dtype: str = "float32") -> Dict[str, Any]:
+    """Turn a downloaded zeroplane checkpoint into a Hugging Face model folder.
+
+    Uses DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` for ZeRO 1-3 (it rebuilds full fp32
+    tensors from every rank's flat partitions and restores shared/tied parameters) and the plain
+    module state for stage 0. Loads the state into a model built from the checkpoint's ``hf/config.json``
+    (``strict`` except for keys the model ties), re-ties, casts to ``dtype`` and writes
+    ``config.json``, ``model.safetensors`` and the tokenizer files.
+
+    Returns:
+        ``{"zero_stage", "tag", "parameters", "missing_tied_keys"}``.
+
+    Raises:
+        ZeroplaneError: keys that neither match nor are tied, or unknown ``dtype``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    meta = json.loads((local_ckpt / "meta.json").read_text())
+    if dtype not in PROBE_ATOL:
+        raise SpecError(f"--dtype {dtype!r}: use one of {', '.join(PROBE_ATOL)}")
+    if meta["zero_stage"] == 0:
+        states = torch.load(local_ckpt / "ds" / meta["tag"] / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)
+        state = {k: v.float() for k, v in states["module"].items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(local_ckpt / "ds"), tag=meta["tag"])
+    config = AutoConfig.from_pretrained(local_ckpt / "hf")
+    model = AutoModelForCausalLM.from_config(config)
+    result = model.load_state_dict(state, strict=False)
+    tied = set(_tied_keys(model))
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ZeroplaneError(
+            f"checkpoint {meta['tag']} does not match the model: missing {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}; it cannot be promoted"
+        )
+    model.tie_weights()
+    model = model.to(getattr(torch, dtype))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(local_ckpt / "hf").save_pretrained(out_dir)
+    return {"zero_stage": meta["zero_stage"], "tag": meta["tag"],
+            "parameters": sum(p.numel() for p in set(model.parameters())),
+            "missing_tied_keys": sorted(set(result.missing_keys) & tied)}
+
+
+def _tied_keys(model) -> list[str]:
+    """State-dict keys that alias another parameter in ``model`` (e.g. ``lm_head.weight``)."""
+    seen: Dict[int, str] = {}
+    tied = []
+    for k, p in model.state_dict(keep_vars=True).items():
+        if id(p) in seen:
+            tied.append(k)
+        else:
+            seen[id(p)] = k
+    return tied
+
+
+def verify(model_dir: Path, local_ckpt: Path, dtype: str = "float32") -> Dict[str, Any]:
+    """Check a consolidated folder loads on its own and reproduces the checkpoint-time probe.
+
+    Checks: ``AutoModelForCausalLM.from_pretrained`` reports no missing, unexpected or mismatched keys;
+    when the config ties embeddings, input and output embeddings share storage; the tokenizer loads;
+    eval-mode logits on the probe ids equal the logits recorded in the checkpoint within
+    ``PROBE_ATOL[dtype]``.
+
+    Returns:
+        ``{"ok": bool, "max_abs_logit_diff", "atol", "problems": [...]}``.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    problems = []
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(kind):
+            problems.append(f"{kind}: {list(info[kind])[:5]}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        if model.get_input_embeddings().weight.data_ptr() != model.get_output_embeddings().weight.data_ptr():
+            problems.append("tie_word_embeddings is set but the LM head is not tied to the input embedding")
+    AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor(json.loads((local_ckpt / "probe.json").read_text())["input_ids"], dtype=torch.long)
+    want = load_file(local_ckpt / "probe.safetensors")["logits"]
+    model.eval()
+    with torch.no_grad():
+        got = model(input_ids=ids).logits.float()
+    diff = float((got - want).abs().max()) if got.shape == want.shape else float("inf")
+    atol = PROBE_ATOL[dtype]
+    if not diff <= atol:
+        problems.append(f"probe logits differ by {diff:.3g} (> {atol}) from those recorded at checkpoint time")
+    return {"ok": not problems, "max_abs_logit_diff": diff, "atol": atol, "problems": problems}
+
+
+def promote_checkpoint(storage: Storage, ref: str, name: str, dtype: str = "float32",
+                       progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """Consolidate, verify and register the checkpoint ``ref`` as the next version of ``name``.
+
+    Nothing is registered unless verification passes; a failure leaves the registry as it was.
+
+    Returns:
+        The registered version record (``name``, ``version``, ``uri``, ``source``, ``verification``).
+
+    Raises:
+        NotFoundError: no complete checkpoint for ``ref``.
+        ZeroplaneError: consolidation or verification failed.
+    """
+    say = progress or (lambda _msg: None)
+    ckpt = resolve_checkpoint(storage, ref)
+    work = Path(tempfile.mkdtemp(prefix="zeroplane-promote-"))
+    try:
+        say(f"downloading checkpoint {ckpt.uri} (step {ckpt.step}, {ckpt.size_bytes / 1e6:.1f} MB)")
+        local = storage.download_dir(ckpt.path, work / "ckpt")
+        say("consolidating ZeRO shards into a Hugging Face folder")
+        out = work / "model"
+        details = consolidate(local, out, dtype)
+        say("verifying: load, keys, tied weights, probe logits")
+        check = verify(out, local, dtype)
+        if not check["ok"]:
+            raise ZeroplaneError(f"verification failed, nothing registered: {'; '.join(check['problems'])}")
+        meta = json.loads((local / "meta.json").read_text())
+        record = {
+            "source": {"job_id": ckpt.job_id, "step": ckpt.step, "checkpoint": ckpt.uri},
+            "metrics": ckpt.metrics,
+            "dtype": dtype,
+            "consolidation": details,
+            "verification": check,
+            "serve_defaults": meta.get("spec", {}).get("serve", {}),
+        }
+        say("registering")
+        return Registry(storage).register(name, out, record)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

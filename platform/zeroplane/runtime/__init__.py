@@ -1,0 +1,1 @@
+"""Code that runs on the Ray cluster (imports ray.train, deepspeed, torch)."""

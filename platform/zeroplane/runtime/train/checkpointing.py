@@ -1,0 +1,117 @@
+"""Saving the zeroplane extras into a checkpoint, the completion marker, and loading for resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any, Dict, Optional, Tuple
+
+from ...checkpoints import MARKER, build_marker, inspect_checkpoint, latest_complete
+from ...errors import ZeroplaneError
+from ...storage import Storage
+
+
+def save_extras(local: str, rank: int, step: int, tag: str, metrics: Dict[str, Any], spec, world: int,
+                job_id: str, tokenizer, model_cfg, probe_ids, probe_logits, consumed_micro_batches: int) -> None:
+    """Write what a checkpoint carries besides DeepSpeed's shards into the local folder ``local``.
+
+    Every rank writes its RNG state (``rng/rank_<r>.pt``); rank 0 also writes ``hf/`` (config and
+    tokenizer), ``probe.json`` + ``probe.safetensors`` (logits ``[1, PROBE_TOKENS, vocab]`` fp32) and
+    ``meta.json``.
+    """
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.join(local, "rng"), exist_ok=True)
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+               os.path.join(local, "rng", f"rank_{rank}.pt"))
+    if rank != 0:
+        return
+    hf = os.path.join(local, "hf")
+    model_cfg.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    save_file({"logits": probe_logits.contiguous()}, os.path.join(local, "probe.safetensors"))
+    with open(os.path.join(local, "probe.json"), "w") as f:
+        json.dump({"input_ids": probe_ids.tolist()}, f)
+    meta = {
+        "job_id": job_id,
+        "step": step,
+        "tag": tag,
+        "world_size": world,
+        "zero_stage": spec.deepspeed.zero_stage,
+        "precision": spec.train.precision,
+        "consumed_micro_batches": consumed_micro_batches,
+        "metrics": metrics,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "spec": spec.model_dump(mode="json"),
+    }
+    with open(os.path.join(local, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def write_marker(persisted, metrics: Dict[str, Any]) -> None:
+    """Write the completion marker into a persisted Ray checkpoint (``ray.train.Checkpoint``).
+
+    Lists every file now in the checkpoint with its size; called by rank 0 after all ranks' uploads.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = persisted.filesystem, persisted.path.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = {os.path.relpath(i.path, path): i.size for i in infos if i.type == pafs.FileType.File}
+    with fs.open_input_stream(f"{path}/meta.json") as f:
+        meta = json.loads(f.read())
+    body = json.dumps(build_marker(files, {**meta, "metrics": metrics}), indent=2).encode()
+    with fs.open_output_stream(f"{path}/{MARKER}") as f:
+        f.write(body)
+
+
+def pick_resume_path(storage: Storage, job_id: str, ray_checkpoint, explicit: Optional[str]) -> Optional[str]:
+    """Where to resume from: Ray's latest checkpoint when complete, else the newest complete one.
+
+    ``ray_checkpoint`` is ``ray.train.get_checkpoint()`` (set after a worker-group restart);
+    ``explicit`` is a path chosen by the driver at submission (a resumed job). Returns an fs path of
+    ``storage`` or None for a fresh start.
+    """
+    if ray_checkpoint is not None:
+        info = inspect_checkpoint(storage, job_id, ray_checkpoint.path)
+        if info.complete:
+            return info.path
+    newest = latest_complete(storage, job_id)
+    if newest is not None:
+        return newest.path
+    return explicit
+
+
+def load(engine, storage: Storage, path: str, rank: int, world: int, work: str) -> Tuple[int, Dict[str, Any]]:
+    """Restore the DeepSpeed engine (weights, optimizer, LR scheduler) and this rank's RNG state.
+
+    Returns:
+        ``(step, metrics)`` recorded in the checkpoint.
+
+    Raises:
+        ZeroplaneError: the checkpoint was written by a different number of ranks.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    meta = storage.read_json(f"{path}/meta.json")
+    if meta["world_size"] != world:
+        raise ZeroplaneError(
+            f"checkpoint {storage.uri_of(path)} was written by {meta['world_size']} ranks, this job has {world}; "
+            f"resume with scaling.num_workers={meta['world_size']}"
+        )
+    local = storage.download_dir(path, os.path.join(work, "resume"))
+    engine.load_checkpoint(str(local / "ds"), tag=meta["tag"], load_optimizer_states=True,
+                           load_lr_scheduler_states=True)
+    rng = torch.load(local / "rng" / f"rank_{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return int(meta["step"]), dict(meta.get("metrics") or {})

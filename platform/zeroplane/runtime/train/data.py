@@ -1,0 +1,178 @@
+"""Training text, tokenizer and the deterministic batch order.
+
+The corpus is read and tokenized once, in the job driver; workers receive the token arrays. The batch
+order is a pure function of ``(seed, micro-batch index, rank)``, so a resumed job continues with exactly
+the batches an uninterrupted job would have seen next (including across epoch boundaries).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from ...errors import SpecError
+from ...spec.model import DataSpec, TokenizerSpec
+
+#: The end-of-text token of trained BPE tokenizers (GPT-2's name for it).
+EOS = "<|endoftext|>"
+
+
+def load_text(data: DataSpec) -> str:
+    """Read the training text named by ``data.source``.
+
+    Sources: ``builtin:pydoc`` (the topic texts in ``pydoc_data.topics``, sorted by topic name and
+    joined by EOS), a local file or glob of ``.txt`` / ``.jsonl`` (``data.text_field``), or ``s3://``.
+    Documents are joined with the EOS token. Truncated to ``data.max_chars`` when set.
+
+    Raises:
+        SpecError: the source matches no readable file, or a .jsonl record lacks the text field.
+    """
+    if data.source == "builtin:pydoc":
+        from pydoc_data.topics import topics
+
+        docs = [topics[k] for k in sorted(topics)]
+    elif data.source.startswith("s3://"):
+        from ...storage import Storage
+
+        bucket_key = data.source[len("s3://"):]
+        st = Storage.from_uri("s3://" + bucket_key.split("/", 1)[0])
+        raw = st.read_bytes(bucket_key).decode("utf-8")
+        docs = _docs_from(raw, data.source, data.text_field)
+    else:
+        pattern = os.path.expanduser(data.source)
+        paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        paths = [p for p in paths if os.path.isfile(p)]
+        if not paths:
+            raise SpecError(
+                f"data.source = {data.source!r}: no such file; give builtin:pydoc, a .txt/.jsonl path or glob, or s3://"
+            )
+        docs = []
+        for p in paths:
+            docs.extend(_docs_from(Path(p).read_text(encoding="utf-8"), p, data.text_field))
+    text = EOS.join(docs)
+    if data.max_chars:
+        text = text[: data.max_chars]
+    return text
+
+
+def _docs_from(raw: str, name: str, text_field: str) -> list[str]:
+    if not name.endswith(".jsonl"):
+        return [raw]
+    docs = []
+    for i, line in enumerate(raw.splitlines()):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if text_field not in rec:
+            raise SpecError(f"{name}: line {i + 1} has no field {text_field!r}; set data.text_field")
+        docs.append(str(rec[text_field]))
+    return docs
+
+
+def train_bpe_tokenizer(text: str, vocab_size: int, min_frequency: int = 2):
+    """Train a byte-level BPE (``tokenizers``) on ``text`` and wrap it as a transformers tokenizer.
+
+    The tokenizer has ``<|endoftext|>`` as bos/eos/unk and, like GPT-2's, no pad token.
+
+    Returns:
+        ``transformers.PreTrainedTokenizerFast``.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    chunks = (text[i : i + 10_000] for i in range(0, len(text), 10_000))
+    bpe.train_from_iterator(chunks, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+
+
+def tokenizer_files(tokenizer) -> Dict[str, str]:
+    """Serialise a tokenizer to ``{file name: text}`` (what ``save_pretrained`` writes)."""
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return {p.name: p.read_text(encoding="utf-8") for p in Path(d).iterdir() if p.is_file()}
+
+
+def load_tokenizer_files(files: Dict[str, str], into: str):
+    """Write ``files`` into folder ``into`` and load them with ``AutoTokenizer``."""
+    from transformers import AutoTokenizer
+
+    os.makedirs(into, exist_ok=True)
+    for name, body in files.items():
+        Path(into, name).write_text(body, encoding="utf-8")
+    return AutoTokenizer.from_pretrained(into)
+
+
+def make_tokenizer(spec_tok: TokenizerSpec, text: str, pretrained: Optional[str]):
+    """The job's tokenizer: a given folder, the pretrained model's, or a BPE trained on ``text``."""
+    from transformers import AutoTokenizer
+
+    if spec_tok.path:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(spec_tok.path))
+    if pretrained:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(pretrained))
+    if spec_tok.train_bpe is None:
+        raise SpecError("tokenizer: set tokenizer.train_bpe, tokenizer.path or model.pretrained")
+    return train_bpe_tokenizer(text, spec_tok.train_bpe.vocab_size, spec_tok.train_bpe.min_frequency)
+
+
+def tokenize_split(tokenizer, text: str, seq_len: int, validation_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Tokenize ``text`` and cut it into sequences.
+
+    Returns:
+        ``(train, val)``: int32 arrays of shape ``[n_train, seq_len]`` and ``[n_val, seq_len]``; the
+        validation set is the tail ``validation_fraction`` of the token stream.
+
+    Raises:
+        SpecError: too little text for one training and one validation sequence.
+    """
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    n_val_tokens = max(int(len(ids) * validation_fraction), seq_len)
+    train_ids, val_ids = ids[:-n_val_tokens], ids[-n_val_tokens:]
+    n_train, n_val = len(train_ids) // seq_len, len(val_ids) // seq_len
+    if n_train < 1 or n_val < 1:
+        raise SpecError(
+            f"data: {len(ids)} tokens give {n_train} training and {n_val} validation sequences of "
+            f"seq_len={seq_len}; lower data.seq_len or give more text"
+        )
+    return (train_ids[: n_train * seq_len].reshape(n_train, seq_len),
+            val_ids[: n_val * seq_len].reshape(n_val, seq_len))
+
+
+class BatchOrder:
+    """Deterministic micro-batch order over ``n`` training sequences for ``world_size`` ranks.
+
+    The global stream of sequence indices is the concatenation of per-epoch permutations
+    (``numpy.random.default_rng(seed + epoch).permutation(n)``). Global micro-batch ``k`` for rank
+    ``r`` takes stream positions ``[(k*world_size + r)*micro, … + micro)``. Nothing depends on
+    process state, so resuming at micro-batch ``k`` reproduces the remaining order exactly.
+    """
+
+    def __init__(self, n: int, micro: int, world_size: int, rank: int, seed: int) -> None:
+        self.n, self.micro, self.world, self.rank, self.seed = n, micro, world_size, rank, seed
+        self._perms: Dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng(self.seed + epoch).permutation(self.n)}
+        return self._perms[epoch]
+
+    def indices(self, k: int) -> np.ndarray:
+        """Sequence indices (shape ``[micro]``) of global micro-batch ``k`` for this rank."""
+        start = (k * self.world + self.rank) * self.micro
+        out = np.empty(self.micro, dtype=np.int64)
+        for i in range(self.micro):
+            pos = start + i
+            out[i] = self._perm(pos // self.n)[pos % self.n]
+        return out
+
+    def epoch_of(self, k: int) -> float:
+        """Fractional epoch reached after global micro-batch ``k`` (all ranks)."""
+        return (k + 1) * self.world * self.micro / self.n

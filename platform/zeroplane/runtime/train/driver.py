@@ -1,0 +1,125 @@
+"""The Ray Job entrypoint: ``python -m zeroplane.runtime.train.driver``.
+
+Reads the resolved spec from ``$ZEROPLANE_SPEC_JSON`` and the job id from ``$ZEROPLANE_JOB_ID``,
+prepares the data once (text -> tokenizer -> token arrays), then runs a Ray Train ``TorchTrainer``
+whose workers run :func:`zeroplane.runtime.train.loop.train_loop_per_worker`. Writes
+``<storage>/jobs/<job_id>/zeroplane_result.json`` at the end and exits non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Dict
+
+from ...checkpoints import latest_complete
+from ...spec import JobSpec, parse_spec
+from ...storage import Storage
+
+RESULT_FILE = "zeroplane_result.json"
+
+
+def build_train_loop_config(spec: JobSpec, job_id: str, storage: Storage) -> Dict[str, Any]:
+    """Read and tokenize the data and collect everything the workers need.
+
+    When the job already has a complete checkpoint (a retried or resumed job), its tokenizer is reused
+    so token ids stay the same.
+    """
+    from .data import load_text, load_tokenizer_files, make_tokenizer, tokenize_split, tokenizer_files
+
+    t0 = time.perf_counter()
+    text = load_text(spec.data)
+    newest = latest_complete(storage, job_id)
+    if newest is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            local = storage.download_dir(f"{newest.path}/hf", d)
+            files = {p.name: p.read_text(encoding="utf-8") for p in local.iterdir() if p.is_file()
+                     and not p.name.startswith("config")}
+        tokenizer = load_tokenizer_files(files, tempfile.mkdtemp(prefix="zeroplane-tok-"))
+    else:
+        tokenizer = make_tokenizer(spec.tokenizer, text, spec.model.pretrained)
+    train, val = tokenize_split(tokenizer, text, spec.data.seq_len, spec.data.validation_fraction)
+    print(f"[zeroplane] data: {len(text):,} chars -> {train.size + val.size:,} tokens "
+          f"(vocab {len(tokenizer):,}); {len(train)} train / {len(val)} val sequences of {spec.data.seq_len} "
+          f"tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "job_id": job_id,
+        "tokenizer_files": tokenizer_files(tokenizer),
+        "train": train,
+        "val": val,
+        "resume_path": newest.path if newest else None,
+        "storage_uri": storage.uri,
+    }
+
+
+def build_trainer(spec: JobSpec, job_id: str, storage: Storage, loop_config: Dict[str, Any]):
+    """The ``TorchTrainer`` for the job (Ray Train v2 API)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    s = spec.scaling
+    scaling = ScalingConfig(
+        num_workers=s.num_workers,
+        use_gpu=s.use_gpu,
+        resources_per_worker=dict(s.resources_per_worker),
+        placement_strategy=s.placement_strategy,
+        accelerator_type=s.accelerator_type,
+    )
+    ck = spec.checkpoint
+    run = RunConfig(
+        name=job_id,
+        storage_path=storage.uri_of(storage.path("jobs")) if not storage.is_local else storage.path("jobs"),
+        storage_filesystem=None if storage.is_local else storage.fs,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=ck.num_to_keep,
+            checkpoint_score_attribute=ck.score_attribute,
+            checkpoint_score_order=ck.score_order,
+        ),
+        failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+    )
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
+
+
+def main() -> int:
+    """Run the job; returns the process exit code (0 success, 1 failure)."""
+    import ray
+
+    spec = parse_spec(json.loads(os.environ["ZEROPLANE_SPEC_JSON"]), source="$ZEROPLANE_SPEC_JSON")
+    job_id = os.environ["ZEROPLANE_JOB_ID"]
+    storage = Storage.from_uri(spec.checkpoint.storage_path)
+    ray.init(log_to_driver=True)
+    started = time.time()
+    result_doc: Dict[str, Any] = {"job_id": job_id, "started_at": datetime.now(timezone.utc).isoformat()}
+    try:
+        trainer = build_trainer(spec, job_id, storage, build_train_loop_config(spec, job_id, storage))
+        result = trainer.fit()
+        newest = latest_complete(storage, job_id)
+        metrics = dict(result.metrics or {})
+        result_doc.update(status="SUCCEEDED", metrics=metrics,
+                          checkpoint=newest.uri if newest else None, wall_s=round(time.time() - started, 1))
+        print(f"[zeroplane] finished: val_loss {metrics.get('val_loss_step0')} (step 0) -> "
+              f"{metrics.get('val_loss')} (step {metrics.get('step')}); checkpoint {result_doc['checkpoint']}",
+              flush=True)
+        return 0
+    except Exception as e:  # the job fails with the reason on its last log line
+        result_doc.update(status="FAILED", error=f"{type(e).__name__}: {e}", wall_s=round(time.time() - started, 1))
+        print(f"[zeroplane] job failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        result_doc["finished_at"] = datetime.now(timezone.utc).isoformat()
+        try:
+            storage.write_json(storage.path("jobs", job_id, RESULT_FILE), result_doc)
+        except Exception as e:  # storage trouble must not hide the job's own outcome
+            print(f"[zeroplane] could not write {RESULT_FILE}: {e}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

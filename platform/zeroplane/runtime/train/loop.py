@@ -1,0 +1,180 @@
+"""``train_loop_per_worker``: one DeepSpeed ZeRO rank inside a Ray Train worker.
+
+Per step every rank runs ``gradient_accumulation_steps`` micro-batches of
+``[micro_batch_size_per_worker, seq_len]`` tokens, then DeepSpeed's optimizer step. Every
+``checkpoint.every_n_steps`` steps (and at the end) every rank saves its DeepSpeed shard, rank 0 adds
+the model config, tokenizer, metadata and logits probe, all ranks report the folder to Ray Train (the
+folders are merged into one persisted checkpoint) and, once every rank's upload has returned, rank 0
+writes the completion marker.
+
+Rank 0 prints one progress line per ``log_every_n_steps`` steps::
+
+    ZEROPLANE_PROGRESS {"step": 10, "max_steps": 100, "loss": 6.9, "tokens_per_s": 1400.0, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from typing import Any, Dict, Optional
+
+PROGRESS_PREFIX = "ZEROPLANE_PROGRESS "
+
+
+def _emit(kind: str, payload: Dict[str, Any]) -> None:
+    print(PROGRESS_PREFIX + json.dumps({"event": kind, **payload}), flush=True)
+
+
+def train_loop_per_worker(config: Dict[str, Any]) -> None:
+    """Train one rank. ``config`` is built by the driver (see ``driver.build_train_loop_config``).
+
+    Keys: ``spec`` (JobSpec as dict), ``job_id``, ``tokenizer_files`` ({name: text}), ``train`` and
+    ``val`` (int32 arrays ``[n, seq_len]``), ``resume_path`` (fs path of a complete checkpoint or None),
+    ``storage_uri``.
+    """
+    import numpy as np
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    import deepspeed
+
+    from ...checkpoints import dir_name_for_step, tag_for_step
+    from ...spec import JobSpec
+    from ...spec.deepspeed import build_deepspeed_config
+    from ...storage import Storage
+    from . import checkpointing
+    from .data import BatchOrder, load_tokenizer_files
+    from .modeling import build_model, count_parameters, model_config, probe_ids
+
+    spec = JobSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    t, seq_len = spec.train, spec.data.seq_len
+    work = tempfile.mkdtemp(prefix=f"zeroplane-r{rank}-")
+    tokenizer = load_tokenizer_files(config["tokenizer_files"], os.path.join(work, "tokenizer"))
+    cfg = model_config(spec.model, len(tokenizer), seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model = build_model(spec.model, cfg, t.seed)
+    n_params = count_parameters(model)
+    ds_config = build_deepspeed_config(spec, world)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    device = engine.device
+    train_arr: np.ndarray = config["train"]
+    val_arr: np.ndarray = config["val"]
+    order = BatchOrder(len(train_arr), t.micro_batch_size_per_worker, world, rank, t.seed)
+    accum = t.gradient_accumulation_steps
+    storage = Storage.from_uri(config["storage_uri"])
+
+    # ---- resume: Ray's latest checkpoint if complete, else the newest complete one in storage ----
+    start_step, history = 0, {}
+    resume_path = checkpointing.pick_resume_path(storage, config["job_id"], ray.train.get_checkpoint(),
+                                                 config.get("resume_path"))
+    if resume_path:
+        start_step, history = checkpointing.load(engine, storage, resume_path, rank, world, work)
+        if rank == 0:
+            _emit("resumed", {"step": start_step, "from": storage.uri_of(resume_path)})
+    else:
+        torch.manual_seed(t.seed + 1000 * rank)  # dropout stream per rank; restored on resume
+
+    def evaluate() -> float:
+        engine.eval()
+        losses = []
+        with torch.no_grad():
+            idx = np.arange(rank, len(val_arr), world)[: t.eval_batches * t.micro_batch_size_per_worker]
+            if len(idx) == 0:  # more ranks than validation sequences: reuse the first ones
+                idx = np.arange(min(len(val_arr), t.micro_batch_size_per_worker))
+            for i in range(0, len(idx), t.micro_batch_size_per_worker):
+                x = torch.as_tensor(val_arr[idx[i : i + t.micro_batch_size_per_worker]], dtype=torch.long, device=device)
+                losses.append(engine(input_ids=x, labels=x).loss.float())
+        mean = torch.stack(losses).mean().detach().to(device)
+        dist.all_reduce(mean)
+        engine.train()
+        return float(mean) / world
+
+    def probe_logits():
+        engine.eval()
+        with torch.no_grad():
+            ids = torch.tensor([probe_ids(tokenizer)], dtype=torch.long, device=device)
+            logits = engine(input_ids=ids).logits.float().cpu()
+        engine.train()
+        return ids.cpu(), logits
+
+    if rank == 0:
+        _emit("start", {"job_id": config["job_id"], "world_size": world, "zero_stage": spec.deepspeed.zero_stage,
+                        "parameters": n_params, "train_sequences": len(train_arr),
+                        "val_sequences": len(val_arr), "max_steps": t.max_steps, "start_step": start_step})
+    if start_step == 0:
+        history["val_loss_step0"] = evaluate()
+        if rank == 0:
+            _emit("eval", {"step": 0, "val_loss": history["val_loss_step0"]})
+
+    engine.train()
+    tokens_per_step = world * t.micro_batch_size_per_worker * accum * seq_len
+    step, val_loss = start_step, history.get("val_loss")
+    window_t0, window_tokens = time.perf_counter(), 0
+    while step < t.max_steps:
+        step_loss = torch.zeros((), device=device)
+        for a in range(accum):
+            k = step * accum + a
+            x = torch.as_tensor(train_arr[order.indices(k)], dtype=torch.long, device=device)
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().float() / accum
+        step += 1
+        window_tokens += tokens_per_step
+        is_eval = step % t.eval_every_n_steps == 0 or step == t.max_steps
+        is_ckpt = step % spec.checkpoint.every_n_steps == 0 or step == t.max_steps
+        if is_eval:
+            val_loss = evaluate()
+        if step % t.log_every_n_steps == 0 or is_eval or is_ckpt:
+            dist.all_reduce(step_loss)
+            elapsed = time.perf_counter() - window_t0
+            metrics = {
+                "step": step,
+                "max_steps": t.max_steps,
+                "loss": float(step_loss) / world,
+                "lr": float(engine.get_lr()[0]),
+                "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
+                "epoch": round(order.epoch_of(step * accum - 1), 4),
+            }
+            if is_eval:
+                metrics["val_loss"] = val_loss
+            if rank == 0:
+                _emit("step", metrics)
+            history["train_loss"] = metrics["loss"]
+            window_t0, window_tokens = time.perf_counter(), 0
+        if is_ckpt:
+            history["val_loss"] = val_loss
+            report = {
+                "step": step,
+                "train_loss": history.get("train_loss"),
+                "val_loss": val_loss,
+                "val_loss_step0": history.get("val_loss_step0"),
+            }
+            ids, logits = probe_logits()
+            local = os.path.join(work, f"ckpt-{step}")
+            engine.save_checkpoint(os.path.join(local, "ds"), tag=tag_for_step(step),
+                                   client_state={"zeroplane_step": step})
+            checkpointing.save_extras(local, rank, step, tag_for_step(step), report, spec, world,
+                                      config["job_id"], tokenizer, cfg, ids, logits,
+                                      consumed_micro_batches=step * accum)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(local),
+                             checkpoint_dir_name=dir_name_for_step(step))
+            # report() returns on each rank once its own upload is done; the barrier makes it all ranks.
+            dist.barrier()
+            if rank == 0:
+                persisted = ray.train.get_checkpoint()
+                checkpointing.write_marker(persisted, report)
+                _emit("checkpoint", {"step": step, "path": persisted.path})
+            dist.barrier()
+            shutil.rmtree(local, ignore_errors=True)
+            window_t0 = time.perf_counter()  # checkpoint time is not training throughput
+    if rank == 0:
+        _emit("done", {"step": step, "val_loss_step0": history.get("val_loss_step0"), "val_loss": val_loss,
+                       "finished_at": datetime.now(timezone.utc).isoformat()})
+    shutil.rmtree(work, ignore_errors=True)

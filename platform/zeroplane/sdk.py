@@ -1,0 +1,251 @@
+"""The Python API that the ``zeroplane`` CLI is a thin layer over.
+
+>>> zp = Client()                              # finds the cluster: --address, RAY_ADDRESS, local head
+>>> job = zp.submit(load_spec("jobs/tiny-cpu.yaml"))["job_id"]
+>>> zp.wait(job)                               # -> "SUCCEEDED"
+>>> zp.promote(job, name="tiny")               # consolidate, verify, register, deploy
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+from .backends.rayjobs import TERMINAL, RayJobsBackend, build_request, new_job_id, redact
+from .checkpoints import list_checkpoints
+from .errors import NotFoundError, ZeroplaneError
+from .registry import Registry, check_model_name, parse_ref
+from .spec import JobSpec, parse_spec
+from .spec.deepspeed import build_deepspeed_config
+from .storage import Storage
+
+PROGRESS_PREFIX = "ZEROPLANE_PROGRESS "
+DEFAULT_STORAGE = "~/.zeroplane/storage"
+
+
+def parse_progress(log_text: str) -> List[Dict[str, Any]]:
+    """Progress events printed by rank 0 (``ZEROPLANE_PROGRESS {json}`` lines), in order, deduplicated."""
+    out, seen = [], set()
+    for line in log_text.splitlines():
+        i = line.find(PROGRESS_PREFIX)
+        if i < 0:
+            continue
+        raw = line[i + len(PROGRESS_PREFIX):].strip()
+        if raw in seen:
+            continue
+        try:
+            ev = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        seen.add(raw)
+        out.append(ev)
+    return out
+
+
+def default_storage() -> str:
+    """``$ZEROPLANE_STORAGE`` or ``~/.zeroplane/storage``."""
+    return os.environ.get("ZEROPLANE_STORAGE", DEFAULT_STORAGE)
+
+
+class Client:
+    """zeroplane against one Ray cluster.
+
+    Args:
+        address: dashboard URL (``http://host:8265``) or GCS address; default ``RAY_ADDRESS`` or the
+            local head started by ``zeroplane cluster up``.
+    """
+
+    def __init__(self, address: Optional[str] = None) -> None:
+        from .cluster import apply_auth_env, resolve_cluster
+
+        self.cluster = resolve_cluster(address)
+        apply_auth_env()
+        self.jobs = RayJobsBackend(self.cluster.dashboard_url)
+
+    # ------------------------------------------------------------------ training
+    @staticmethod
+    def plan(spec: JobSpec, job_id: Optional[str] = None) -> Dict[str, Any]:
+        """What ``submit`` would send: the resolved spec, the DeepSpeed config and the Ray job request
+        (secrets masked). Needs no cluster."""
+        job_id = job_id or new_job_id(spec.name)
+        return {
+            "job_id": job_id,
+            "spec": spec.model_dump(mode="json"),
+            "deepspeed_config": build_deepspeed_config(spec),
+            "ray_job_request": redact(build_request(spec, job_id)),
+        }
+
+    def submit(self, spec: JobSpec, job_id: Optional[str] = None) -> Dict[str, Any]:
+        """Submit ``spec`` as a Ray Job after a storage preflight; returns ``{"job_id", "storage"}``.
+
+        Raises:
+            ZeroplaneError: the storage is not writable or the submission failed.
+        """
+        storage = Storage.from_uri(spec.checkpoint.storage_path)
+        preflight_storage(storage)
+        job_id = job_id or new_job_id(spec.name)
+        self.jobs.submit(build_request(spec, job_id))
+        return {"job_id": job_id, "storage": storage.uri_of(storage.path("jobs", job_id))}
+
+    def spec_of(self, job_id: str) -> JobSpec:
+        """The resolved spec a job was submitted with (from its runtime environment)."""
+        d = self.jobs.client.get_job_info(job_id)
+        env = ((d.runtime_env or {}).get("env_vars") or {})
+        if "ZEROPLANE_SPEC_JSON" not in env:
+            raise NotFoundError(f"job {job_id!r} was not submitted by zeroplane")
+        return parse_spec(json.loads(env["ZEROPLANE_SPEC_JSON"]), source=job_id)
+
+    def storage_of(self, job_id: str) -> Storage:
+        """The storage root of a job (from its spec)."""
+        self.jobs.info(job_id)
+        return Storage.from_uri(self.spec_of(job_id).checkpoint.storage_path)
+
+    def status(self, job_id: str) -> Dict[str, Any]:
+        """Ray job details plus the newest progress event and the final result when finished."""
+        info = self.jobs.info(job_id)
+        events = parse_progress(self.jobs.client.get_job_logs(job_id))
+        steps = [e for e in events if e.get("event") == "step"]
+        info["progress"] = steps[-1] if steps else None
+        evals = [e for e in events if "val_loss" in e]
+        info["val_loss_step0"] = next((e["val_loss"] for e in events if e.get("event") == "eval" and e.get("step") == 0), None)
+        info["val_loss"] = evals[-1]["val_loss"] if evals else None
+        if info["status"] in TERMINAL:
+            try:
+                st = self.storage_of(job_id)
+                path = st.path("jobs", job_id, "zeroplane_result.json")
+                info["result"] = st.read_json(path) if st.exists(path) else None
+            except Exception:
+                info["result"] = None
+        return info
+
+    def wait(self, job_id: str, on_event: Optional[Callable[[Dict[str, Any]], None]] = None,
+             poll_s: float = 2.0, timeout_s: Optional[float] = None) -> str:
+        """Follow a job until it ends, calling ``on_event`` for each new progress event.
+
+        Returns:
+            The terminal status (SUCCEEDED, FAILED or STOPPED).
+
+        Raises:
+            ZeroplaneError: ``timeout_s`` elapsed first.
+        """
+        seen = 0
+        start = time.monotonic()
+        while True:
+            status = self.jobs.status(job_id)
+            events = parse_progress(self.jobs.client.get_job_logs(job_id))
+            for ev in events[seen:]:
+                if on_event:
+                    on_event(ev)
+            seen = len(events)
+            if status in TERMINAL:
+                return status
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                raise ZeroplaneError(f"job {job_id} still {status} after {timeout_s:.0f}s")
+            time.sleep(poll_s)
+
+    def follow_logs(self, job_id: str, poll_s: float = 1.0) -> Iterator[str]:
+        """Yield log text as it arrives until the job ends."""
+        sent = 0
+        while True:
+            status = self.jobs.status(job_id)
+            text = self.jobs.client.get_job_logs(job_id)
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+            if status in TERMINAL:
+                return
+            time.sleep(poll_s)
+
+    def checkpoints(self, job_id: str, storage: Optional[str] = None, include_incomplete: bool = False):
+        """Checkpoints of a job (complete only unless asked), oldest first."""
+        st = Storage.from_uri(storage) if storage else self.storage_of(job_id)
+        return list_checkpoints(st, job_id, include_incomplete=include_incomplete)
+
+    # ------------------------------------------------------------------ promotion and serving
+    def serve_client(self):
+        """A :class:`zeroplane.serving.ServeClient` for this cluster."""
+        from .serving import ServeClient
+
+        host = "127.0.0.1" if self.cluster.local else "0.0.0.0"
+        return ServeClient(self.cluster.dashboard_url, http_host=host, http_port=self.cluster.serve_http_port)
+
+    def promote(self, ref: str, name: str, storage: Optional[str] = None, deploy: bool = True,
+                dtype: str = "float32", overrides: Optional[Dict[str, Any]] = None,
+                progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+        """Consolidate + verify + register the newest complete checkpoint of job ``ref`` (or
+        ``job@step`` / a checkpoint URI) as ``name:v<N>``, then deploy it with Ray Serve.
+
+        Returns:
+            The version record, plus ``url`` when deployed.
+        """
+        from .promote import promote_checkpoint
+
+        check_model_name(name)
+        job_id = ref.partition("@")[0]
+        if storage:
+            st = Storage.from_uri(storage)
+        elif "/" in ref:
+            raise ZeroplaneError(f"promote {ref!r}: give --storage for a checkpoint path")
+        else:
+            st = self.storage_of(job_id)
+        rec = promote_checkpoint(st, ref, name, dtype=dtype, progress=progress)
+        if deploy:
+            rec["url"] = self.deploy(name, rec["version"], storage=st.uri, overrides=overrides, progress=progress)
+        return rec
+
+    def deploy(self, name: str, version: Optional[str] = None, storage: Optional[str] = None,
+               overrides: Optional[Dict[str, Any]] = None,
+               progress: Optional[Callable[[str], None]] = None) -> str:
+        """Deploy a registered version (newest by default); returns the application URL."""
+        from .serving import app_config
+
+        st = Storage.from_uri(storage or default_storage())
+        rec = Registry(st).get(name, version)
+        sc = self.serve_client()
+        if progress:
+            progress(f"deploying {name}:{rec['version']} to Ray Serve")
+        sc.deploy(app_config(name, rec, st.uri, rec.get("serve_defaults") or {}, overrides), progress=progress)
+        return sc.url(name)
+
+
+def preflight_storage(storage: Storage) -> None:
+    """Check that the storage root is writable by writing and deleting a small file.
+
+    Raises:
+        ZeroplaneError: one line naming the storage and the error.
+    """
+    probe = storage.path(".zeroplane-preflight")
+    try:
+        storage.write_bytes(probe, b"ok")
+        storage.fs.delete_file(probe)
+    except Exception as e:
+        raise ZeroplaneError(f"storage {storage.uri} is not writable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0.0, seed: Optional[int] = None,
+             api_key: Optional[str] = None, timeout_s: float = 120.0) -> Dict[str, Any]:
+    """POST a completion to a deployed model (``url`` from :meth:`Client.deploy`).
+
+    Raises:
+        ZeroplaneError: connection failure or an error answer (with the server's reason).
+    """
+    import requests
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body: Dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+    if seed is not None:
+        body["seed"] = seed
+    try:
+        r = requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=timeout_s)
+    except requests.RequestException as e:
+        raise ZeroplaneError(f"cannot reach {url}: {e}") from None
+    if r.status_code != 200:
+        try:
+            reason = r.json()["error"]["message"]
+        except Exception:
+            reason = r.text[:300]
+        hint = " (create a key with `zeroplane serve keys create --save`)" if r.status_code == 401 else ""
+        raise ZeroplaneError(f"{url} answered {r.status_code}: {reason}{hint}")
+    return r.json()

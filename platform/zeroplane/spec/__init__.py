@@ -1,0 +1,120 @@
+"""Job-spec schema and loading: YAML file + ``--set`` overrides -> validated ``JobSpec``.
+
+Imports no ray/torch. Errors are ``SpecError`` (exit 2) naming the field path, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import SpecError
+from .model import PRESETS, JobSpec
+
+__all__ = ["JobSpec", "PRESETS", "load_spec", "parse_spec", "apply_overrides", "format_validation_error", "json_schema"]
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a ``--set`` value with YAML rules (``3`` -> int, ``true`` -> bool, ``{a: 1}`` -> dict)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+    """Apply ``key.path=value`` overrides to a raw spec mapping (in place, also returned).
+
+    Args:
+        data: the raw YAML mapping.
+        overrides: strings like ``train.max_steps=10`` or ``scaling.resources_per_worker={CPU: 2}``.
+
+    Raises:
+        SpecError: an override without ``=`` or one that walks into a non-mapping.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected key.path=value, e.g. --set train.max_steps=10")
+        key, _, raw = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise SpecError(f"--set {item!r}: empty key; use e.g. --set train.max_steps=10")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                where = ".".join(parts[: i + 1])
+                raise SpecError(f"--set {item!r}: '{where}' is {nxt!r}, not a mapping; override '{where}' itself")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str = "spec") -> str:
+    """Render a pydantic ValidationError as lines ``source: field.path = value: problem``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; remove it or check the spelling (`zeroplane spec schema` lists the fields)"
+        elif e["type"] == "missing":
+            msg = "required field is missing; add it"
+        value = e.get("input")
+        shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" = {json.dumps(value, default=str)}"
+        lines.append(f"{source}: {loc}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    """Validate a raw mapping into a ``JobSpec``.
+
+    Raises:
+        SpecError: the mapping is not a mapping or fails validation.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping with at least `name:`, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError("invalid spec\n" + format_validation_error(err, source)) from None
+
+
+def load_spec(path: str | os.PathLike, overrides: Optional[List[str]] = None) -> JobSpec:
+    """Read a YAML job spec, apply ``--set`` overrides and validate it.
+
+    Args:
+        path: YAML file.
+        overrides: ``key.path=value`` strings applied before validation.
+
+    Raises:
+        SpecError: unreadable file, bad YAML, bad override or invalid field.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"spec file {str(p)!r}: {e.strerror or e}; give the path of a YAML job spec (see jobs/)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if isinstance(data, dict):
+        apply_overrides(data, overrides or [])
+    return parse_spec(data, source=str(p))
+
+
+def json_schema() -> Dict[str, Any]:
+    """The JSON schema of ``JobSpec`` (descriptions included)."""
+    return JobSpec.model_json_schema()

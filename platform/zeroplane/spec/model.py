@@ -1,0 +1,271 @@
+"""The job spec: a pydantic v2 schema for one training job and its serving defaults.
+
+This module imports neither ray nor torch, so validating a spec is instant and works on any laptop.
+Every field carries a description; that text is the single source for ``zeroplane spec schema``.
+Field names follow Ray (``num_workers``, ``storage_path``, ``max_failures``,
+``target_ongoing_requests``) and DeepSpeed (``zero_stage``, ``offload_optimizer``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$")
+
+#: Model-size presets for GPT-2-style configs (keys are transformers ``GPT2Config`` names).
+#: ``small`` is about 5.3 M parameters with an 8,192-token vocabulary at seq_len 256.
+PRESETS: Dict[str, Dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+    "small": {"n_layer": 4, "n_embd": 256, "n_head": 4},
+    "medium": {"n_layer": 8, "n_embd": 512, "n_head": 8},
+    "gpt2-124m": {"n_layer": 12, "n_embd": 768, "n_head": 12},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    """Which causal LM to train: an architecture built from a config, or a pretrained folder."""
+
+    architecture: str = Field(
+        "gpt2",
+        description="A transformers causal-LM config type (model_type), e.g. gpt2, llama; the model is "
+        "built from scratch from this config unless `pretrained` is set.",
+    )
+    preset: Optional[Literal["tiny", "small", "medium", "gpt2-124m"]] = Field(
+        "small",
+        description="Size preset (n_layer/n_embd/n_head for gpt2-style configs): tiny (~0.6 M params), "
+        "small (~5 M), medium (~30 M), gpt2-124m. Explicit keys in `config` win over the preset.",
+    )
+    config: Dict[str, Any] = Field(
+        default_factory=dict,
+        description="Explicit transformers config keys (e.g. {n_layer: 6, n_embd: 384}); merged over the "
+        "preset. vocab_size and n_positions are filled in from the tokenizer and data.seq_len.",
+    )
+    pretrained: Optional[str] = Field(
+        None,
+        description="Fine-tune from a Hugging Face model folder (local path); the tokenizer then comes "
+        "from that folder too.",
+    )
+    tie_word_embeddings: bool = Field(
+        True, description="Share the input embedding and the LM head weight (GPT-2 default)."
+    )
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9_\-]+", v):
+            raise ValueError(f"'{v}' is not a transformers model_type; use e.g. 'gpt2' or 'llama'")
+        return v
+
+
+class TrainBPE(_Strict):
+    """Train a byte-level BPE tokenizer on the training text."""
+
+    vocab_size: int = Field(8192, ge=260, le=262144, description="Vocabulary size of the trained BPE, incl. special tokens.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+
+
+class TokenizerSpec(_Strict):
+    """Where the tokenizer comes from. It is saved with every checkpoint and model version."""
+
+    train_bpe: Optional[TrainBPE] = Field(
+        default_factory=TrainBPE,
+        description="Train a byte-level BPE on the dataset (set to null to use `path` or the pretrained model's).",
+    )
+    path: Optional[str] = Field(None, description="A local Hugging Face tokenizer folder to use instead of training one.")
+
+
+class DataSpec(_Strict):
+    """The training text."""
+
+    source: str = Field(
+        "builtin:pydoc",
+        description="builtin:pydoc (the Python reference text in pydoc_data.topics, ships with CPython), "
+        "a local file/glob of .txt or .jsonl (field `text_field`), or s3://bucket/key.",
+    )
+    text_field: str = Field("text", description="Field holding the text in .jsonl records.")
+    seq_len: int = Field(256, ge=8, le=32768, description="Tokens per training sequence.")
+    validation_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Fraction of the token stream (the tail) held out for validation."
+    )
+    max_chars: Optional[int] = Field(
+        None, ge=1000, description="Read at most this many characters of the source (quick experiments)."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_kind(cls, v: str) -> str:
+        if v.startswith("builtin:") and v != "builtin:pydoc":
+            raise ValueError(f"unknown builtin corpus '{v}'; the only builtin is 'builtin:pydoc'")
+        if v.startswith("hf:"):
+            raise ValueError(
+                f"'{v}': hub datasets are not supported; download it and point `source` at local .txt/.jsonl files"
+            )
+        return v
+
+
+class TrainSpec(_Strict):
+    """Optimisation settings. Step counts are optimizer steps (after gradient accumulation)."""
+
+    max_steps: int = Field(300, ge=1, description="Total optimizer steps of the job.")
+    micro_batch_size_per_worker: int = Field(8, ge=1, description="Sequences per worker per forward/backward.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(3.0e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps from 0 to lr.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
+    seed: int = Field(0, ge=0, description="Seed for model init, data order and dropout.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision: fp32 | bf16 | fp16.")
+    eval_every_n_steps: int = Field(50, ge=1, description="Validation-loss period in steps (also at step 0 and the end).")
+    eval_batches: int = Field(8, ge=1, description="Validation micro-batches per worker per evaluation.")
+    log_every_n_steps: int = Field(1, ge=1, description="Progress line period in steps.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainSpec":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be below max_steps={self.max_steps}; lower warmup_steps"
+            )
+        return self
+
+
+class DeepSpeedSpec(_Strict):
+    """DeepSpeed ZeRO settings; the full DeepSpeed config is generated from the whole spec."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 (DDP-like), 1 (optimizer states), 2 (+gradients), 3 (+parameters).")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="Offload optimizer states to CPU (ZeRO-Offload; stage 1-3).")
+    offload_param: Literal["none", "cpu"] = Field("none", description="Offload parameters to CPU (ZeRO-Infinity style; stage 3 only).")
+    overrides: Dict[str, Any] = Field(
+        default_factory=dict, description="Merged last (recursively) into the generated DeepSpeed config."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "DeepSpeedSpec":
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_param={self.offload_param!r} needs zero_stage 3 (got {self.zero_stage}); "
+                "set deepspeed.zero_stage: 3 or offload_param: none"
+            )
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError(
+                f"offload_optimizer={self.offload_optimizer!r} needs zero_stage 1-3 (got 0); "
+                "raise deepspeed.zero_stage or set offload_optimizer: none"
+            )
+        return self
+
+
+class ScalingSpec(_Strict):
+    """Maps onto Ray Train's ScalingConfig."""
+
+    num_workers: int = Field(2, ge=1, le=4096, description="Ray Train workers (one DeepSpeed rank each).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
+    resources_per_worker: Dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1}, description="Ray resources each worker reserves, e.g. {CPU: 4, GPU: 1}."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for the workers."
+    )
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type, e.g. A100 or H100.")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _non_negative(cls, v: Dict[str, float]) -> Dict[str, float]:
+        for k, n in v.items():
+            if n < 0:
+                raise ValueError(f"resources_per_worker.{k}={n} is negative; use a count >= 0")
+        return v
+
+
+class CheckpointSpec(_Strict):
+    """Where and how often checkpoints are persisted (Ray Train RunConfig/CheckpointConfig)."""
+
+    storage_path: str = Field(
+        "~/.zeroplane/storage",
+        description="Local folder or s3://bucket/prefix holding checkpoints, the model registry and versions.",
+    )
+    every_n_steps: int = Field(100, ge=1, description="Checkpoint period in steps (a checkpoint is also taken at the end).")
+    num_to_keep: Optional[int] = Field(3, ge=1, description="Complete checkpoints kept (older ones deleted); null keeps all.")
+    score_attribute: Optional[str] = Field(None, description="Metric that ranks checkpoints for retention, e.g. val_loss.")
+    score_order: Literal["min", "max"] = Field("min", description="Whether a lower (min) or higher (max) score is better.")
+
+
+class FailureSpec(_Strict):
+    """Ray Train FailureConfig."""
+
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint before the job fails (-1: unlimited).")
+
+
+class AutoscalingSpec(_Strict):
+    """Ray Serve autoscaling_config."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle (0 scales to zero).")
+    max_replicas: int = Field(4, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(2, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="Seconds of sustained load before scaling up.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="Seconds of low load before scaling down.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}; raise max_replicas"
+            )
+        return self
+
+
+class ServeSpec(_Strict):
+    """Defaults used by `zeroplane promote` when it deploys a version with Ray Serve."""
+
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Ray Serve autoscaling_config.")
+    ray_actor_options: Dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 0.5}, description="Ray actor options of each replica (num_cpus, num_gpus, memory)."
+    )
+    max_tokens_cap: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
+    max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call per replica.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a replica waits to fill a batch.")
+    auth: bool = Field(True, description="Require a bearer API key (zeroplane serve keys create).")
+
+
+class JobSpec(_Strict):
+    """One training job: what to train, on what, how, where to keep it, and how to serve it."""
+
+    name: str = Field(..., description="Job name, [a-z0-9-] up to 48 chars; used in storage paths and Ray job ids.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The causal LM.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="The tokenizer.")
+    data: DataSpec = Field(default_factory=DataSpec, description="The training text.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train scaling.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint persistence.")
+    failure: FailureSpec = Field(default_factory=FailureSpec, description="Fault tolerance.")
+    serve: ServeSpec = Field(default_factory=ServeSpec, description="Serving defaults for promote.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                f"'{v}' is not a valid job name; use lowercase letters, digits and '-', 1-48 chars, "
+                "starting and ending with a letter or digit"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        if self.train.precision == "bf16" and not self.scaling.use_gpu:
+            pass  # bf16 on CPU works in torch; allowed.
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError(
+                "train.precision='fp16' needs GPUs (loss scaling on CPU is unsupported); "
+                "use precision fp32 or bf16, or set scaling.use_gpu: true"
+            )
+        if self.scaling.use_gpu and self.scaling.resources_per_worker.get("GPU", 1) < 1:
+            raise ValueError("scaling.use_gpu is true but resources_per_worker.GPU < 1; give each worker one GPU")
+        return self

@@ -1,0 +1,188 @@
+"""Local folders and ``s3://`` buckets behind one small interface (``pyarrow.fs``).
+
+Ray Train persists checkpoints through ``pyarrow.fs``; zeroplane reads and writes the same storage
+through the same filesystem objects, so a local path and an S3 prefix behave alike. The S3 endpoint
+comes from ``AWS_ENDPOINT_URL`` (S3-compatible servers) and credentials from the standard AWS chain.
+
+Layout under the storage root::
+
+    jobs/<job_id>/                 Ray Train run folder (RunConfig.storage_path=<root>/jobs, name=<job_id>)
+      checkpoint_step_0000100/     one Ray checkpoint: every rank's DeepSpeed shards + metadata
+        zeroplane_complete.json    completion marker, written last
+    models/<name>/v<N>/            registered model versions (plain Hugging Face folders)
+      zeroplane_version.json       registration marker, written last
+    serve/api_keys.json            hashed serving API keys
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+from .errors import ZeroplaneError
+
+
+def _s3_filesystem(bucket_region: Optional[str] = None):
+    import pyarrow.fs as pafs
+
+    kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs["endpoint_override"] = host or endpoint
+        kwargs["scheme"] = scheme if host else "https"
+    region = bucket_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+@dataclass
+class Storage:
+    """A storage root: a local folder or ``s3://bucket/prefix``.
+
+    Attributes:
+        uri: the root as given by the user, with ``~`` expanded for local paths.
+        fs: the ``pyarrow.fs.FileSystem`` serving it.
+        root: the root path inside ``fs`` (absolute local path, or ``bucket/prefix``).
+    """
+
+    uri: str
+    fs: Any
+    root: str
+
+    @classmethod
+    def from_uri(cls, uri: str) -> "Storage":
+        """Open a storage root.
+
+        Raises:
+            ZeroplaneError: an unsupported scheme (only local paths and s3:// are supported).
+        """
+        import pyarrow.fs as pafs
+
+        if uri.startswith("s3://"):
+            root = uri[len("s3://"):].strip("/")
+            if not root:
+                raise ZeroplaneError(f"storage_path {uri!r} names no bucket; use s3://bucket/prefix")
+            return cls(uri="s3://" + root, fs=_s3_filesystem(), root=root)
+        if "://" in uri and not uri.startswith("file://"):
+            raise ZeroplaneError(
+                f"storage_path {uri!r}: unsupported scheme; use a local folder or s3://bucket/prefix"
+            )
+        path = str(Path(os.path.expanduser(uri.removeprefix("file://"))).resolve())
+        return cls(uri=path, fs=pafs.LocalFileSystem(), root=path)
+
+    @property
+    def is_local(self) -> bool:
+        """True for a local folder."""
+        return not self.uri.startswith("s3://")
+
+    def path(self, *parts: str) -> str:
+        """A path inside ``fs`` under the root."""
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def uri_of(self, path: str) -> str:
+        """The user-facing URI of an ``fs`` path (``s3://…`` or the local path)."""
+        return path if self.is_local else "s3://" + path
+
+    def relative(self, path: str) -> str:
+        """Path relative to the root."""
+        return posixpath.relpath(path, self.root)
+
+    def exists(self, path: str) -> bool:
+        """Whether a file or folder exists."""
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def isdir(self, path: str) -> bool:
+        """Whether ``path`` is a folder (S3: a prefix with objects under it)."""
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(path).type == pafs.FileType.Directory
+
+    def listdir(self, path: str) -> List[str]:
+        """Names of the direct children of ``path``; ``[]`` when it does not exist."""
+        import pyarrow.fs as pafs
+
+        if not self.exists(path):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+        return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
+
+    def list_files(self, path: str) -> dict[str, int]:
+        """All files under ``path`` (recursive) as ``{relative path: size in bytes}``."""
+        import pyarrow.fs as pafs
+
+        if not self.exists(path):
+            return {}
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        base = path.rstrip("/")
+        return {
+            posixpath.relpath(i.path, base): i.size
+            for i in infos
+            if i.type == pafs.FileType.File
+        }
+
+    def read_bytes(self, path: str) -> bytes:
+        """Whole file contents."""
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def read_json(self, path: str) -> Any:
+        """Parse a JSON file."""
+        return json.loads(self.read_bytes(path))
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a file atomically: readers see the old file or the whole new one, never a part.
+
+        Local: write a temp file next to it and rename. S3: a PUT is atomic already.
+        """
+        parent = posixpath.dirname(path)
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+
+    def write_json(self, path: str, obj: Any) -> None:
+        """Write ``obj`` as indented JSON, atomically."""
+        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def download_dir(self, path: str, local_dir: str | os.PathLike) -> Path:
+        """Copy the folder ``path`` to ``local_dir`` (created); returns the local path."""
+        import pyarrow.fs as pafs
+
+        local = Path(local_dir)
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(local), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        return local
+
+    def upload_dir(self, local_dir: str | os.PathLike, path: str, skip: tuple[str, ...] = ()) -> None:
+        """Copy the local folder to ``path`` file by file, leaving out names in ``skip``."""
+        import pyarrow.fs as pafs
+
+        base = Path(local_dir)
+        for f in sorted(base.rglob("*")):
+            if f.is_file() and f.name not in skip:
+                rel = f.relative_to(base).as_posix()
+                dest = posixpath.join(path, rel)
+                if self.is_local:
+                    os.makedirs(posixpath.dirname(dest), exist_ok=True)
+                pafs.copy_files(str(f), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+
+    def delete_dir(self, path: str) -> None:
+        """Delete a folder and everything in it (missing is fine)."""
+        if self.exists(path):
+            self.fs.delete_dir(path)
