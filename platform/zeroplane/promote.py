@@ -167,6 +167,12 @@ def promote_checkpoint(storage: Storage, ref: str, name: str, dtype: str = "floa
         NotFoundError: no complete checkpoint for ``ref``.
         ZeroplaneError: consolidation or verification failed.
     """
+    import contextlib
+    import io
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     say = progress or (lambda _msg: None)
     ckpt = resolve_checkpoint(storage, ref)
     work = Path(tempfile.mkdtemp(prefix="zeroplane-promote-"))
@@ -175,7 +181,8 @@ def promote_checkpoint(storage: Storage, ref: str, name: str, dtype: str = "floa
         local = storage.download_dir(ckpt.path, work / "ckpt")
         say("consolidating ZeRO shards into a Hugging Face folder")
         out = work / "model"
-        details = consolidate(local, out, dtype)
+        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints its progress
+            details = consolidate(local, out, dtype)
         say("verifying: load, keys, tied weights, probe logits")
         check = verify(out, local, dtype)
         if not check["ok"]:

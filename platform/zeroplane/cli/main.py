@@ -43,14 +43,18 @@ def _table(title: Optional[str], columns: List[str], rows: List[List[Any]]) -> N
 
     t = Table(title=title, show_lines=False)
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*["" if v is None else str(v) for v in r])
     _console().print(t)
 
 
 def _client(address: Optional[str]):
+    import logging
+
     from ..sdk import Client
+
+    logging.getLogger("ray").setLevel(logging.WARNING)  # package-upload chatter of the Jobs SDK
 
     return Client(address)
 

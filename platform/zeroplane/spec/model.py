@@ -39,7 +39,7 @@ class ModelSpec(_Strict):
     )
     preset: Optional[Literal["tiny", "small", "medium", "gpt2-124m"]] = Field(
         "small",
-        description="Size preset (n_layer/n_embd/n_head for gpt2-style configs): tiny (~0.6 M params), "
+        description="Size preset (n_layer/n_embd/n_head for gpt2-style configs): tiny (~0.1 M params at vocab 512), "
         "small (~5 M), medium (~30 M), gpt2-124m. Explicit keys in `config` win over the preset.",
     )
     config: Dict[str, Any] = Field(
