@@ -701,6 +701,9 @@ def _start_locked(
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # a head never joins another cluster
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Job entrypoints run `python …` through the head's PATH: make that this interpreter (the venv
+    # zeroplane is installed in), whether or not the venv was activated.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     if use_token:
         env["RAY_AUTH_MODE"] = "token"
 

@@ -7,10 +7,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """``ray.init(num_cpus=4)`` on this machine: 2 training workers + a Serve replica fit on 2 cores."""
+    """A new local Ray instance with 4 logical CPUs (2 training workers + a Serve replica fit on 2 cores).
+
+    ``address="local"`` always starts a fresh instance: without it Ray 2.60 joins any cluster that
+    ``ray start`` left running on this machine, which may belong to someone else.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -79,7 +79,12 @@ class RayJobsBackend:
             ZeroplaneError: the dashboard does not answer.
         """
         if self._client is None:
+            import logging
+
             from ray.job_submission import JobSubmissionClient
+
+            for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+                logging.getLogger(name).setLevel(logging.WARNING)  # per-submit upload chatter
 
             try:
                 self._client = JobSubmissionClient(self.dashboard_url, headers=self._headers)

@@ -50,11 +50,7 @@ def _table(title: Optional[str], columns: List[str], rows: List[List[Any]]) -> N
 
 
 def _client(address: Optional[str]):
-    import logging
-
     from ..sdk import Client
-
-    logging.getLogger("ray").setLevel(logging.WARNING)  # package-upload chatter of the Jobs SDK
 
     return Client(address)
 

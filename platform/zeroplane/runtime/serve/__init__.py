@@ -1,0 +1,1 @@
+"""The Ray Serve application that serves a registered model version (``app.build_app``)."""
