@@ -28,7 +28,7 @@ demo: venv
 	echo "== zeroplane promote $$job --name pydoc-gpt"; $(ZP) promote $$job --name pydoc-gpt; \
 	echo "== zeroplane serve keys create --save"; $(ZP) serve keys create --name demo --save >/dev/null; \
 	echo "== zeroplane complete pydoc-gpt 'The try statement'"; \
-	$(ZP) complete pydoc-gpt "The try statement" --max-tokens 40; \
+	$(ZP) complete pydoc-gpt "The try statement" --max-tokens 48 --temperature 0.7 --seed 0; \
 	echo "== demo took $$(( $$(date +%s) - start ))s; the cluster keeps serving: 'make down' (zeroplane cluster down) stops it"
 
 test: venv

@@ -41,7 +41,7 @@ def step_of(dir_name: str) -> Optional[int]:
     """The step encoded in a checkpoint folder name, or None for other names."""
     if not dir_name.startswith(CKPT_PREFIX):
         return None
-    m = _TAG_RE.match(dir_name[len(CKPT_PREFIX):])
+    m = _TAG_RE.fullmatch(dir_name[len(CKPT_PREFIX):])
     return int(m.group(1)) if m else None
 
 

@@ -181,7 +181,8 @@ def promote_checkpoint(storage: Storage, ref: str, name: str, dtype: str = "floa
         local = storage.download_dir(ckpt.path, work / "ckpt")
         say("consolidating ZeRO shards into a Hugging Face folder")
         out = work / "model"
-        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints its progress
+        chatter = io.StringIO()  # zero_to_fp32 prints and draws progress bars; errors still raise
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             details = consolidate(local, out, dtype)
         say("verifying: load, keys, tied weights, probe logits")
         check = verify(out, local, dtype)

@@ -26,7 +26,7 @@ def check_model_name(name: str) -> str:
     Raises:
         SpecError: the name is not valid (names the value and the rule).
     """
-    if not MODEL_NAME_RE.match(name or ""):
+    if not MODEL_NAME_RE.fullmatch(name or ""):
         raise SpecError(
             f"--name {name!r}: use lowercase letters, digits and '-', 1-48 chars, starting and ending with a letter or digit"
         )
@@ -41,7 +41,7 @@ def parse_ref(ref: str) -> tuple[str, Optional[str]]:
     """
     name, _, ver = ref.partition(":")
     check_model_name(name)
-    if ver and not _V_RE.match(ver):
+    if ver and not _V_RE.fullmatch(ver):
         raise SpecError(f"model reference {ref!r}: the version must look like v1, v2, …")
     return name, ver or None
 
@@ -68,7 +68,7 @@ class Registry:
         """Complete versions of ``name``, oldest first: the contents of each version's marker."""
         out = []
         for v in self.storage.listdir(self.model_dir(name)):
-            if not _V_RE.match(v):
+            if not _V_RE.fullmatch(v):
                 continue
             marker = f"{self.version_dir(name, v)}/{VERSION_MARKER}"
             if self.storage.exists(marker):
@@ -95,7 +95,7 @@ class Registry:
 
     def next_version(self, name: str) -> str:
         """The next free version label (skips folders of unfinished registrations too)."""
-        used = [int(m.group(1)) for v in self.storage.listdir(self.model_dir(name)) if (m := _V_RE.match(v))]
+        used = [int(m.group(1)) for v in self.storage.listdir(self.model_dir(name)) if (m := _V_RE.fullmatch(v))]
         return f"v{max(used, default=0) + 1}"
 
     def register(self, name: str, local_dir: str | Path, record: Dict[str, Any]) -> Dict[str, Any]:

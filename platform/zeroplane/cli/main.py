@@ -27,7 +27,10 @@ ADDRESS = click.option("--address", envvar="RAY_ADDRESS", default=None,
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:  # logs and pipes: do not fold paths at 80 columns
+        console.width = max(console.width, 200)
+    return console
 
 
 def _err(msg: str) -> None:
@@ -347,14 +350,13 @@ def promote_cmd(ref, name, storage, dtype, no_deploy, min_replicas, max_replicas
     if no_auth:
         overrides["auth"] = False
         _err("WARNING: --no-auth: the endpoint will answer anyone who can reach it")
-    zp = _client(address)
     if dry_run:
         from ..promote import resolve_checkpoint
         from ..registry import Registry
         from ..serving import app_config
         from ..storage import Storage
 
-        st = Storage.from_uri(storage) if storage else zp.storage_of(ref.partition("@")[0])
+        st = Storage.from_uri(storage) if storage else _client(address).storage_of(ref.partition("@")[0])
         ck = resolve_checkpoint(st, ref)
         version = Registry(st).next_version(name)
         spec_serve = st.read_json(f"{ck.path}/meta.json").get("spec", {}).get("serve", {})
@@ -362,6 +364,7 @@ def promote_cmd(ref, name, storage, dtype, no_deploy, min_replicas, max_replicas
                       "serve_application": None if no_deploy else app_config(
                           name, {"version": version, "uri": st.uri_of(Registry(st).version_dir(name, version))},
                           st.uri, spec_serve, overrides)})
+    zp = _client(address)
     console = _console()
     with console.status("promoting") as status:
         rec = zp.promote(ref, name, storage=storage, deploy=not no_deploy, dtype=dtype, overrides=overrides,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -19,12 +20,33 @@ from .model import PRESETS, JobSpec
 __all__ = ["JobSpec", "PRESETS", "load_spec", "parse_spec", "apply_overrides", "format_validation_error", "json_schema"]
 
 
+_INT_RE = re.compile(r"[+-]?\d+")
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _parse_scalar(text: str) -> Any:
-    """Parse a ``--set`` value with YAML rules (``3`` -> int, ``true`` -> bool, ``{a: 1}`` -> dict)."""
+    """Parse a ``--set`` value: numbers as decimal numbers (``1e-3`` -> 0.001, ``0123`` -> 123, unlike
+    YAML 1.1), anything else with YAML rules (``true`` -> bool, ``{a: 1}`` -> dict, else a string)."""
+    raw = text.strip()
+    if _INT_RE.fullmatch(raw):
+        return int(raw, 10)
+    if _FLOAT_RE.fullmatch(raw):
+        return float(raw)
     try:
-        return yaml.safe_load(text)
+        return _numbers_to_float(yaml.safe_load(text))
     except yaml.YAMLError:
         return text
+
+
+def _numbers_to_float(obj: Any) -> Any:
+    """Turn strings that are plain decimal floats (``1e-3``, which YAML 1.1 leaves a string) into floats."""
+    if isinstance(obj, dict):
+        return {k: _numbers_to_float(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_numbers_to_float(v) for v in obj]
+    if isinstance(obj, str) and not _INT_RE.fullmatch(obj.strip()) and _FLOAT_RE.fullmatch(obj.strip()):
+        return float(obj)
+    return obj
 
 
 def apply_overrides(data: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
@@ -111,6 +133,9 @@ def load_spec(path: str | os.PathLike, overrides: Optional[List[str]] = None) ->
     if data is None:
         data = {}
     if isinstance(data, dict):
+        ds = data.get("deepspeed")
+        if isinstance(ds, dict) and isinstance(ds.get("overrides"), dict):  # untyped: no pydantic coercion
+            ds["overrides"] = _numbers_to_float(ds["overrides"])
         apply_overrides(data, overrides or [])
     return parse_spec(data, source=str(p))
 

@@ -250,7 +250,7 @@ class JobSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
                 f"'{v}' is not a valid job name; use lowercase letters, digits and '-', 1-48 chars, "
                 "starting and ending with a letter or digit"
