@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import pytest
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def zp_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def zp_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Isolated zeroplane home and Ray token file; no RAY_ADDRESS / serve port / auth mode.
 
     ``RAY_AUTH_TOKEN_PATH`` points at a file that does not exist yet, so the test covers
@@ -38,7 +39,11 @@ def zp_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in ("RAY_ADDRESS", "ZEROPLANE_SERVE_PORT", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
         monkeypatch.setenv(var, "x")
         monkeypatch.delenv(var)
-    return home
+    yield home
+    # Ray caches the auth mode and token in-process: restore the environment first, then make Ray
+    # re-read it, so later tests in this process (a local ray.init) use the real token again.
+    monkeypatch.undo()
+    cluster._refresh_ray_auth_cache()
 
 
 def _alive(pid: int, create_time: float | None = None) -> bool:

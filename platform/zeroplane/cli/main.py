@@ -24,10 +24,11 @@ ADDRESS = click.option("--address", envvar="RAY_ADDRESS", default=None,
                             "local head from `zeroplane cluster up`.")
 
 
-def _console():
+def _console(stderr: bool = False):
+    """A rich console; ``stderr=True`` for progress so that stdout stays parseable (``-o json``)."""
     from rich.console import Console
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, stderr=stderr)
     if not console.is_terminal:  # logs and pipes: do not fold paths at 80 columns
         console.width = max(console.width, 200)
     return console
@@ -99,7 +100,7 @@ def cluster_up(num_cpus, dashboard_port, serve_port, output) -> None:
     """Start the embedded local Ray head (or return the one already running)."""
     from ..cluster import start_local_head
 
-    with _console().status("starting a local Ray head"):
+    with _console(stderr=True).status("starting a local Ray head"):
         info = start_local_head(num_cpus=num_cpus, dashboard_port=dashboard_port, serve_http_port=serve_port)
     if output == "json":
         return _json(info.to_dict())
@@ -202,7 +203,7 @@ def _follow(zp, job_id: str, max_steps: int) -> str:
 
     state: Dict[str, Any] = {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=_console(), transient=False) as bar:
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=_console(stderr=True), transient=False) as bar:
         task = bar.add_task(job_id, total=max_steps, info="waiting for workers")
 
         def on_event(ev: Dict[str, Any]) -> None:
@@ -365,7 +366,7 @@ def promote_cmd(ref, name, storage, dtype, no_deploy, min_replicas, max_replicas
                           name, {"version": version, "uri": st.uri_of(Registry(st).version_dir(name, version))},
                           st.uri, spec_serve, overrides)})
     zp = _client(address)
-    console = _console()
+    console = _console(stderr=True)
     with console.status("promoting") as status:
         rec = zp.promote(ref, name, storage=storage, deploy=not no_deploy, dtype=dtype, overrides=overrides,
                          progress=lambda m: (status.update(m), console.print(f"  {m}")))
