@@ -83,7 +83,7 @@ class Client:
         Raises:
             ZeroplaneError: the storage is not writable or the submission failed.
         """
-        storage = Storage.from_uri(spec.checkpoint.storage_path)
+        storage = Storage.for_checkpoint_spec(spec.checkpoint)
         preflight_storage(storage)
         job_id = job_id or new_job_id(spec.name)
         self.jobs.submit(build_request(spec, job_id))
@@ -100,7 +100,7 @@ class Client:
     def storage_of(self, job_id: str) -> Storage:
         """The storage root of a job (from its spec)."""
         self.jobs.info(job_id)
-        return Storage.from_uri(self.spec_of(job_id).checkpoint.storage_path)
+        return Storage.for_checkpoint_spec(self.spec_of(job_id).checkpoint)
 
     def status(self, job_id: str) -> Dict[str, Any]:
         """Ray job details plus the newest progress event and the final result when finished."""
@@ -214,14 +214,31 @@ def preflight_storage(storage: Storage) -> None:
     """Check that the storage root is writable by writing and deleting a small file.
 
     Raises:
-        ZeroplaneError: one line naming the storage and the error.
+        ZeroplaneError: one line naming the storage (for S3: bucket and endpoint) and the error; never
+            the credentials.
     """
     probe = storage.path(".zeroplane-preflight")
     try:
         storage.write_bytes(probe, b"ok")
         storage.fs.delete_file(probe)
     except Exception as e:
-        raise ZeroplaneError(f"storage {storage.uri} is not writable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ZeroplaneError(storage_error(storage, "is not writable", e)) from None
+
+
+def storage_error(storage: Storage, what: str, e: BaseException) -> str:
+    """One line: ``storage <uri> (bucket B at endpoint E) <what>: <first line of e>``.
+
+    Secret values from the environment are blanked in case a library echoes them back.
+    """
+    text = " ".join(str(e).split()) or type(e).__name__
+    for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        if len(os.environ.get(k) or "") >= 8:  # shorter values would blank ordinary letters
+            text = text.replace(os.environ[k], "***")
+    if len(text) > 300:
+        text = text[:300] + "…"
+    where = "" if storage.is_local else (
+        f" (bucket {storage.bucket!r} at endpoint {storage.endpoint_url or 'AWS default'})")
+    return f"storage {storage.uri}{where} {what}: {text}"
 
 
 def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0.0, seed: Optional[int] = None,

@@ -27,18 +27,36 @@ from typing import Any, List, Optional
 from .errors import ZeroplaneError
 
 
-def _s3_filesystem(bucket_region: Optional[str] = None):
+def s3_endpoint(endpoint_url: Optional[str] = None) -> Optional[str]:
+    """The S3 endpoint URL in effect: ``endpoint_url``, else ``$AWS_ENDPOINT_URL_S3``, else
+    ``$AWS_ENDPOINT_URL``; None means AWS itself."""
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _s3_filesystem(endpoint_url: Optional[str] = None, bucket_region: Optional[str] = None):
+    """A ``pyarrow.fs.S3FileSystem`` for an S3 or S3-compatible endpoint.
+
+    Static credentials in the environment (``AWS_ACCESS_KEY_ID`` + ``AWS_SECRET_ACCESS_KEY`` [+
+    ``AWS_SESSION_TOKEN``]) are given to the filesystem explicitly, so the object keeps working when Ray
+    pickles it into processes that do not share this environment (Ray Train's controller and workers).
+    Without them pyarrow uses the default AWS chain (instance roles, ``~/.aws``) wherever it runs.
+    """
     import pyarrow.fs as pafs
 
     kwargs: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint(endpoint_url)
     if endpoint:
         scheme, _, host = endpoint.partition("://")
-        kwargs["endpoint_override"] = host or endpoint
+        kwargs["endpoint_override"] = host.rstrip("/") if host else endpoint
         kwargs["scheme"] = scheme if host else "https"
     region = bucket_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret)
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -55,10 +73,16 @@ class Storage:
     uri: str
     fs: Any
     root: str
+    endpoint_url: Optional[str] = None
 
     @classmethod
-    def from_uri(cls, uri: str) -> "Storage":
+    def from_uri(cls, uri: str, endpoint_url: Optional[str] = None) -> "Storage":
         """Open a storage root.
+
+        Args:
+            uri: a local folder or ``s3://bucket/prefix``.
+            endpoint_url: S3-compatible endpoint (``http://host:port``) for ``s3://`` roots; default
+                ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL``, else AWS. Ignored for local folders.
 
         Raises:
             ZeroplaneError: an unsupported scheme (only local paths and s3:// are supported).
@@ -69,13 +93,24 @@ class Storage:
             root = uri[len("s3://"):].strip("/")
             if not root:
                 raise ZeroplaneError(f"storage_path {uri!r} names no bucket; use s3://bucket/prefix")
-            return cls(uri="s3://" + root, fs=_s3_filesystem(), root=root)
+            return cls(uri="s3://" + root, fs=_s3_filesystem(endpoint_url), root=root,
+                       endpoint_url=s3_endpoint(endpoint_url))
         if "://" in uri and not uri.startswith("file://"):
             raise ZeroplaneError(
                 f"storage_path {uri!r}: unsupported scheme; use a local folder or s3://bucket/prefix"
             )
         path = str(Path(os.path.expanduser(uri.removeprefix("file://"))).resolve())
         return cls(uri=path, fs=pafs.LocalFileSystem(), root=path)
+
+    @classmethod
+    def for_checkpoint_spec(cls, checkpoint) -> "Storage":
+        """The storage of a job spec's ``checkpoint`` section (``storage_path`` + ``s3_endpoint_url``)."""
+        return cls.from_uri(checkpoint.storage_path, getattr(checkpoint, "s3_endpoint_url", None))
+
+    @property
+    def bucket(self) -> Optional[str]:
+        """The bucket of an ``s3://`` root (None for local folders)."""
+        return None if self.is_local else self.root.split("/", 1)[0]
 
     @property
     def is_local(self) -> bool:

@@ -126,12 +126,23 @@ class TrainSpec(_Strict):
     eval_every_n_steps: int = Field(50, ge=1, description="Validation-loss period in steps (also at step 0 and the end).")
     eval_batches: int = Field(8, ge=1, description="Validation micro-batches per worker per evaluation.")
     log_every_n_steps: int = Field(1, ge=1, description="Progress line period in steps.")
+    stop_after_steps: Optional[int] = Field(
+        None, ge=1,
+        description="End this run after this optimizer step (with a checkpoint) without changing the LR "
+        "schedule, which still runs to max_steps; `zeroplane train resume` continues to max_steps. "
+        "null: run to max_steps.",
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainSpec":
         if self.warmup_steps >= self.max_steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be below max_steps={self.max_steps}; lower warmup_steps"
+            )
+        if self.stop_after_steps is not None and self.stop_after_steps > self.max_steps:
+            raise ValueError(
+                f"stop_after_steps={self.stop_after_steps} is above max_steps={self.max_steps}; "
+                "lower it or set it to null"
             )
         return self
 
@@ -190,10 +201,29 @@ class CheckpointSpec(_Strict):
         "~/.zeroplane/storage",
         description="Local folder or s3://bucket/prefix holding checkpoints, the model registry and versions.",
     )
+    shared_filesystem: bool = Field(
+        False,
+        description="The local storage_path is one filesystem mounted on every Ray node (NFS, EFS, a shared "
+        "volume). Required for a local storage_path on a multi-node cluster; ignored for s3://.",
+    )
     every_n_steps: int = Field(100, ge=1, description="Checkpoint period in steps (a checkpoint is also taken at the end).")
     num_to_keep: Optional[int] = Field(3, ge=1, description="Complete checkpoints kept (older ones deleted); null keeps all.")
+    s3_endpoint_url: Optional[str] = Field(
+        None,
+        description="Endpoint of an S3-compatible server (e.g. http://minio:9000) for an s3:// storage_path; "
+        "default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS. Credentials always come from the "
+        "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS default chain), never the spec.",
+    )
     score_attribute: Optional[str] = Field(None, description="Metric that ranks checkpoints for retention, e.g. val_loss.")
     score_order: Literal["min", "max"] = Field("min", description="Whether a lower (min) or higher (max) score is better.")
+
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_url(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"https?://[^/\s]+/?", v):
+            raise ValueError(f"'{v}' is not an endpoint URL; use http(s)://host[:port], without a path")
+        return v
 
 
 class FailureSpec(_Strict):

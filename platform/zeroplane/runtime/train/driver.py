@@ -55,11 +55,18 @@ def build_train_loop_config(spec: JobSpec, job_id: str, storage: Storage) -> Dic
         "val": val,
         "resume_path": newest.path if newest else None,
         "storage_uri": storage.uri,
+        # The Storage itself travels too: its pyarrow filesystem carries the S3 endpoint (and static
+        # credentials from this process's environment) into workers that do not share our environment.
+        "storage": storage,
     }
 
 
 def build_trainer(spec: JobSpec, job_id: str, storage: Storage, loop_config: Dict[str, Any]):
-    """The ``TorchTrainer`` for the job (Ray Train v2 API)."""
+    """The ``TorchTrainer`` for the job (Ray Train v2 API).
+
+    For ``s3://`` storage, Ray Train persists through ``storage.fs`` (``RunConfig.storage_filesystem``,
+    with ``storage_path`` given as ``bucket/prefix/jobs``), the same filesystem zeroplane reads with.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -76,7 +83,7 @@ def build_trainer(spec: JobSpec, job_id: str, storage: Storage, loop_config: Dic
     ck = spec.checkpoint
     run = RunConfig(
         name=job_id,
-        storage_path=storage.uri_of(storage.path("jobs")) if not storage.is_local else storage.path("jobs"),
+        storage_path=storage.path("jobs"),
         storage_filesystem=None if storage.is_local else storage.fs,
         checkpoint_config=CheckpointConfig(
             num_to_keep=ck.num_to_keep,
@@ -94,7 +101,7 @@ def main() -> int:
 
     spec = parse_spec(json.loads(os.environ["ZEROPLANE_SPEC_JSON"]), source="$ZEROPLANE_SPEC_JSON")
     job_id = os.environ["ZEROPLANE_JOB_ID"]
-    storage = Storage.from_uri(spec.checkpoint.storage_path)
+    storage = Storage.for_checkpoint_spec(spec.checkpoint)
     ray.init(log_to_driver=True)
     started = time.time()
     result_doc: Dict[str, Any] = {"job_id": job_id, "started_at": datetime.now(timezone.utc).isoformat()}
