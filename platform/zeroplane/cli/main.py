@@ -542,5 +542,9 @@ def complete_cmd(name, prompt, max_tokens, temperature, seed, api_key, address, 
     _err(f"[{res['model']}, {res['usage']['completion_tokens']} new tokens]")
 
 
+from .render import render as _render  # noqa: E402  (imports only click at module level)
+
+main.add_command(_render)
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,123 @@
+"""``zeroplane render kuberay rayjob|rayservice|raycluster``: print KubeRay manifests for ``kubectl apply``.
+
+Rendering needs no cluster (``rayservice`` reads the model registry from the storage). The manifests
+reference the Kubernetes Secrets ``zeroplane-s3`` (storage credentials) and ``zeroplane-ray-auth`` (Ray
+token) and never contain secret values; see ``manifests/README.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import click
+
+IMAGE_HELP = ("Container image with zeroplane installed (default rayproject/ray:2.60.0-py311, -gpu for GPU "
+              "workers; build one FROM it with `pip install torch zeroplane`).")
+_FORMAT = click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True,
+                       help="Manifest format.")
+_NAMESPACE = click.option("--namespace", "-n", default=None, help="Kubernetes namespace (default: kubectl's).")
+_STORAGE_SECRET = click.option("--storage-secret", default="zeroplane-s3", show_default=True,
+                               help="Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (+ AWS_ENDPOINT_URL).")
+_AUTH_SECRET = click.option("--auth-secret", default="zeroplane-ray-auth", show_default=True,
+                            help="Secret whose key auth_token holds the Ray auth token.")
+
+
+def _emit(manifest: Dict[str, Any], output: str) -> None:
+    from ..kuberay import to_json, to_yaml
+
+    click.echo(to_json(manifest) if output == "json" else to_yaml(manifest), nl=False)
+
+
+@click.group("render")
+def render() -> None:
+    """Render deployment manifests from job specs and model versions (prints; applies nothing)."""
+
+
+@render.group("kuberay")
+def kuberay() -> None:
+    """KubeRay ray.io/v1 manifests: RayJob (training), RayService (serving), RayCluster."""
+
+
+@kuberay.command("rayjob")
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. train.max_steps=10.")
+@click.option("--job-id", default=None, help="Ray job id and storage folder jobs/<id> (default: <name>-<UTC time>-<hex>, "
+                                              "as `train submit`; a fixed id resumes from its checkpoints).")
+@click.option("--image", default=None, help=IMAGE_HELP)
+@click.option("--ttl-s", "ttl_s", type=click.IntRange(0), default=600, show_default=True,
+              help="Seconds the finished RayJob and its cluster are kept.")
+@click.option("--worker-memory", default=None, help="Worker pod memory, e.g. 64Gi (default 4Gi per CPU).")
+@_NAMESPACE
+@_STORAGE_SECRET
+@_AUTH_SECRET
+@_FORMAT
+def rayjob(spec_file, overrides, job_id, image, ttl_s, worker_memory, namespace, storage_secret, auth_secret,
+           output) -> None:
+    """A RayJob running the job spec SPEC on its own RayCluster (one worker pod per Ray Train worker)."""
+    from ..backends.rayjobs import new_job_id
+    from ..kuberay import render_rayjob
+    from ..spec import load_spec
+
+    spec = load_spec(spec_file, list(overrides))
+    _emit(render_rayjob(spec, job_id=job_id or new_job_id(spec.name), image=image, namespace=namespace,
+                        storage_secret=storage_secret, auth_secret=auth_secret, ttl_seconds_after_finished=ttl_s,
+                        worker_memory=worker_memory), output)
+
+
+@kuberay.command("rayservice")
+@click.argument("ref", metavar="MODEL[:VERSION]")
+@click.option("--storage", default=None, help="Storage root holding the registry (default: $ZEROPLANE_STORAGE "
+                                               "or ~/.zeroplane/storage); must be s3:// for Kubernetes.")
+@click.option("--image", default=None, help=IMAGE_HELP)
+@click.option("--min-replicas", type=click.IntRange(0), default=None, help="Override serve.autoscaling.min_replicas.")
+@click.option("--max-replicas", type=click.IntRange(1), default=None, help="Override serve.autoscaling.max_replicas.")
+@click.option("--no-auth", is_flag=True, help="Serve WITHOUT API keys.")
+@_NAMESPACE
+@_STORAGE_SECRET
+@_AUTH_SECRET
+@_FORMAT
+def rayservice(ref, storage, image, min_replicas, max_replicas, no_auth, namespace, storage_secret, auth_secret,
+               output) -> None:
+    """A RayService serving a registered version MODEL[:vN] (newest by default), as `promote` deploys it."""
+    from ..kuberay import render_rayservice
+    from ..registry import Registry, parse_ref
+    from ..sdk import default_storage
+    from ..storage import Storage
+
+    name, version = parse_ref(ref)
+    st = Storage.from_uri(storage or default_storage())
+    rec = Registry(st).get(name, version)
+    overrides: Dict[str, Any] = {"autoscaling": {k: v for k, v in {"min_replicas": min_replicas,
+                                                                    "max_replicas": max_replicas}.items()
+                                                 if v is not None}}
+    if no_auth:
+        overrides["auth"] = False
+        click.echo("WARNING: --no-auth: the endpoint will answer anyone who can reach it", err=True)
+    _emit(render_rayservice(name, rec, st.uri, rec.get("serve_defaults") or {}, image=image, namespace=namespace,
+                            storage_secret=storage_secret, auth_secret=auth_secret, overrides=overrides), output)
+
+
+@kuberay.command("raycluster")
+@click.option("--name", default="zeroplane", show_default=True, help="RayCluster name.")
+@click.option("--image", default=None, help=IMAGE_HELP)
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Worker pods.")
+@click.option("--max-workers", type=click.IntRange(0), default=None,
+              help="Autoscale up to this many worker pods (default: --workers, no autoscaling).")
+@click.option("--worker-cpus", type=click.FloatRange(min=0, min_open=True), default=4, show_default=True,
+              help="CPUs per worker pod.")
+@click.option("--worker-gpus", type=click.IntRange(0), default=0, show_default=True,
+              help="GPUs (nvidia.com/gpu) per worker pod.")
+@click.option("--worker-memory", default=None, help="Memory per worker pod, e.g. 32Gi (default 4Gi per CPU).")
+@_NAMESPACE
+@_STORAGE_SECRET
+@_AUTH_SECRET
+@_FORMAT
+def raycluster(name, image, workers, max_workers, worker_cpus, worker_gpus, worker_memory, namespace,
+               storage_secret, auth_secret, output) -> None:
+    """A long-lived RayCluster; port-forward its head and use it with --address like any Ray cluster."""
+    from ..kuberay import render_raycluster
+
+    _emit(render_raycluster(name=name, image=image,
+                            workers=workers, max_workers=max_workers, worker_cpus=worker_cpus,
+                            worker_gpus=worker_gpus, worker_memory=worker_memory, namespace=namespace,
+                            storage_secret=storage_secret, auth_secret=auth_secret), output)
