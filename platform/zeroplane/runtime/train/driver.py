@@ -61,25 +61,38 @@ def build_train_loop_config(spec: JobSpec, job_id: str, storage: Storage) -> Dic
     }
 
 
-def build_trainer(spec: JobSpec, job_id: str, storage: Storage, loop_config: Dict[str, Any]):
-    """The ``TorchTrainer`` for the job (Ray Train v2 API).
+def build_scaling_config(spec: JobSpec):
+    """Ray Train's ``ScalingConfig`` for ``spec.scaling`` (field for field; no cluster needed).
 
-    For ``s3://`` storage, Ray Train persists through ``storage.fs`` (``RunConfig.storage_filesystem``,
-    with ``storage_path`` given as ``bucket/prefix/jobs``), the same filesystem zeroplane reads with.
+    ``num_workers`` workers (one DeepSpeed rank each), each reserving ``resources_per_worker`` (Ray
+    logical resources per worker, e.g. ``{CPU: 8, GPU: 1}``), placed with ``placement_strategy``;
+    ``use_gpu`` makes Ray Train set up NCCL and one CUDA device per worker; ``accelerator_type`` adds
+    Ray's ``accelerator_type:<type>`` resource so workers land on that GPU type only.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from .loop import train_loop_per_worker
+    from ray.train import ScalingConfig
 
     s = spec.scaling
-    scaling = ScalingConfig(
+    return ScalingConfig(
         num_workers=s.num_workers,
         use_gpu=s.use_gpu,
         resources_per_worker=dict(s.resources_per_worker),
         placement_strategy=s.placement_strategy,
         accelerator_type=s.accelerator_type,
     )
+
+
+def build_trainer(spec: JobSpec, job_id: str, storage: Storage, loop_config: Dict[str, Any]):
+    """The ``TorchTrainer`` for the job (Ray Train v2 API).
+
+    For ``s3://`` storage, Ray Train persists through ``storage.fs`` (``RunConfig.storage_filesystem``,
+    with ``storage_path`` given as ``bucket/prefix/jobs``), the same filesystem zeroplane reads with.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    scaling = build_scaling_config(spec)
     ck = spec.checkpoint
     run = RunConfig(
         name=job_id,
