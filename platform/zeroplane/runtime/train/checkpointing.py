@@ -13,12 +13,13 @@ from ...storage import Storage
 
 
 def save_extras(local: str, rank: int, step: int, tag: str, metrics: Dict[str, Any], spec, world: int,
-                job_id: str, tokenizer, model_cfg, probe_ids, probe_logits, consumed_micro_batches: int) -> None:
+                job_id: str, tokenizer, model_cfg, probe_ids, probe_logits, consumed_micro_batches: int,
+                extra: Optional[Dict[str, Any]] = None) -> None:
     """Write what a checkpoint carries besides DeepSpeed's shards into the local folder ``local``.
 
     Every rank writes its RNG state (``rng/rank_<r>.pt``); rank 0 also writes ``hf/`` (config and
     tokenizer), ``probe.json`` + ``probe.safetensors`` (logits ``[1, PROBE_TOKENS, vocab]`` fp32) and
-    ``meta.json``.
+    ``meta.json`` (``extra`` keys, e.g. ``loss_curve``, are merged into it).
     """
     import random
 
@@ -48,6 +49,7 @@ def save_extras(local: str, rank: int, step: int, tag: str, metrics: Dict[str, A
         "metrics": metrics,
         "created_at": datetime.now(timezone.utc).isoformat(),
         "spec": spec.model_dump(mode="json"),
+        **(extra or {}),
     }
     with open(os.path.join(local, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
@@ -87,11 +89,13 @@ def pick_resume_path(storage: Storage, job_id: str, ray_checkpoint, explicit: Op
     return explicit
 
 
-def load(engine, storage: Storage, path: str, rank: int, world: int, work: str) -> Tuple[int, Dict[str, Any]]:
+def load(engine, storage: Storage, path: str, rank: int, world: int,
+         work: str) -> Tuple[int, Dict[str, Any], Dict[str, Any]]:
     """Restore the DeepSpeed engine (weights, optimizer, LR scheduler) and this rank's RNG state.
 
     Returns:
-        ``(step, metrics)`` recorded in the checkpoint.
+        ``(step, metrics, meta)``: the step and metrics recorded in the checkpoint, and its whole
+        ``meta.json``.
 
     Raises:
         ZeroplaneError: the checkpoint was written by a different number of ranks.
@@ -114,4 +118,4 @@ def load(engine, storage: Storage, path: str, rank: int, world: int, work: str) 
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    return int(meta["step"]), dict(meta.get("metrics") or {})
+    return int(meta["step"]), dict(meta.get("metrics") or {}), meta

@@ -10,6 +10,14 @@ writes the completion marker.
 Rank 0 prints one progress line per ``log_every_n_steps`` steps::
 
     ZEROPLANE_PROGRESS {"step": 10, "max_steps": 100, "loss": 6.9, "tokens_per_s": 1400.0, ...}
+
+Events: ``start`` (with ``worker_pids``, the process id of every rank), ``resumed``, ``eval``, ``step``,
+``checkpoint``, ``done``. Every checkpoint's ``meta.json`` also carries the logged loss curve of the whole
+job so far (``loss_curve``: ``[[step, loss], …]``, restored and extended on resume), the worker pids
+and the resumes of this job (``resumes``).
+
+``train.stop_after_steps`` ends the run early (with a checkpoint) while the LR schedule still spans
+``max_steps``, so a later resume continues exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -67,14 +75,23 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     val_arr: np.ndarray = config["val"]
     order = BatchOrder(len(train_arr), t.micro_batch_size_per_worker, world, rank, t.seed)
     accum = t.gradient_accumulation_steps
-    storage = Storage.from_uri(config["storage_uri"])
+    storage = config.get("storage") or Storage.from_uri(config["storage_uri"])
+    pid_t = torch.tensor([os.getpid()], dtype=torch.long)
+    pids = [torch.zeros_like(pid_t) for _ in range(world)]
+    dist.all_gather(pids, pid_t)
+    worker_pids = [int(p) for p in pids]
 
     # ---- resume: Ray's latest checkpoint if complete, else the newest complete one in storage ----
     start_step, history = 0, {}
     resume_path = checkpointing.pick_resume_path(storage, config["job_id"], ray.train.get_checkpoint(),
                                                  config.get("resume_path"))
+    loss_curve: list = []
+    resumes: list = []
     if resume_path:
-        start_step, history = checkpointing.load(engine, storage, resume_path, rank, world, work)
+        start_step, history, saved = checkpointing.load(engine, storage, resume_path, rank, world, work)
+        loss_curve = [p for p in saved.get("loss_curve", []) if p[0] <= start_step]
+        resumes = list(saved.get("resumes", [])) + [{"step": start_step, "from": storage.uri_of(resume_path),
+                                                     "at": datetime.now(timezone.utc).isoformat()}]
         if rank == 0:
             _emit("resumed", {"step": start_step, "from": storage.uri_of(resume_path)})
     else:
@@ -106,7 +123,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     if rank == 0:
         _emit("start", {"job_id": config["job_id"], "world_size": world, "zero_stage": spec.deepspeed.zero_stage,
                         "parameters": n_params, "train_sequences": len(train_arr),
-                        "val_sequences": len(val_arr), "max_steps": t.max_steps, "start_step": start_step})
+                        "val_sequences": len(val_arr), "max_steps": t.max_steps, "start_step": start_step,
+                        "stop_after_steps": t.stop_after_steps, "worker_pids": worker_pids})
     if start_step == 0:
         history["val_loss_step0"] = evaluate()
         if rank == 0:
@@ -116,7 +134,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     tokens_per_step = world * t.micro_batch_size_per_worker * accum * seq_len
     step, val_loss = start_step, history.get("val_loss")
     window_t0, window_tokens = time.perf_counter(), 0
-    while step < t.max_steps:
+    end_step = min(t.max_steps, t.stop_after_steps or t.max_steps)
+    while step < end_step:
         step_loss = torch.zeros((), device=device)
         for a in range(accum):
             k = step * accum + a
@@ -127,8 +146,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             step_loss += loss.detach().float() / accum
         step += 1
         window_tokens += tokens_per_step
-        is_eval = step % t.eval_every_n_steps == 0 or step == t.max_steps
-        is_ckpt = step % spec.checkpoint.every_n_steps == 0 or step == t.max_steps
+        is_eval = step % t.eval_every_n_steps == 0 or step == end_step
+        is_ckpt = step % spec.checkpoint.every_n_steps == 0 or step == end_step
         if is_eval:
             val_loss = evaluate()
         if step % t.log_every_n_steps == 0 or is_eval or is_ckpt:
@@ -147,6 +166,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             if rank == 0:
                 _emit("step", metrics)
             history["train_loss"] = metrics["loss"]
+            loss_curve.append([step, metrics["loss"]])
             window_t0, window_tokens = time.perf_counter(), 0
         if is_ckpt:
             history["val_loss"] = val_loss
@@ -162,7 +182,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                                    client_state={"zeroplane_step": step})
             checkpointing.save_extras(local, rank, step, tag_for_step(step), report, spec, world,
                                       config["job_id"], tokenizer, cfg, ids, logits,
-                                      consumed_micro_batches=step * accum)
+                                      consumed_micro_batches=step * accum,
+                                      extra={"loss_curve": loss_curve, "worker_pids": worker_pids,
+                                             "resumes": resumes})
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(local),
                              checkpoint_dir_name=dir_name_for_step(step))
             # report() returns on each rank once its own upload is done; the barrier makes it all ranks.
