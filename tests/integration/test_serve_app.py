@@ -203,7 +203,10 @@ def test_auth_rejects_missing_wrong_and_malformed_keys(server):
         ({"json": {"prompt": "hi", "temperature": -1}}, 400, ["temperature"]),
         ({"json": {"prompt": "hi", "top_p": 0}}, 400, ["top_p"]),
         ({"json": {"prompt": "hi", "stop": ""}}, 400, ["stop"]),
-        ({"json": {"prompt": "hi", "stream": True}}, 400, ["stream"]),
+        ({"json": {"prompt": "hi", "stream": "yes"}}, 400, ["stream"]),
+        ({"json": {"prompt": "hi", "stream": True, "n": 2}}, 400, ["'n'", "stream"]),
+        ({"json": {"prompt": "hi", "n": 5}}, 400, ["'n'", "4"]),
+        ({"json": {"prompt": "hi", "stream_options": {"include_usage": True}}}, 400, ["stream_options"]),
         ({"json": {"prompt": "hi", "max_token": 3}}, 400, ["max_token"]),
         ({"json": {"prompt": "zebra " * 80, "max_tokens": 8}}, 400, ["prompt", str(N_POSITIONS)]),
         ({"json": {"prompt": "hi", "model": "other"}}, 404, ["other", "tiny"]),
@@ -211,7 +214,8 @@ def test_auth_rejects_missing_wrong_and_malformed_keys(server):
     ids=[
         "empty-body", "not-json", "not-an-object", "prompt-missing", "prompt-empty", "prompt-int",
         "prompt-two", "max-tokens-over-cap", "max-tokens-string", "max-tokens-zero", "temperature-negative",
-        "top-p-zero", "stop-empty", "stream", "unknown-field", "prompt-too-long", "unknown-model",
+        "top-p-zero", "stop-empty", "stream-string", "stream-n-2", "n-5", "stream-options-without-stream",
+        "unknown-field", "prompt-too-long", "unknown-model",
     ],
 )
 def test_client_mistakes_get_4xx_with_reason(server, kwargs, status, needles):
@@ -284,3 +288,174 @@ def test_new_and_revoked_keys_take_effect_after_refresh(server):
     assert time.monotonic() - started < 8  # the replica re-reads the key file every 5 s
     assert _complete(server, body).status_code == 200  # other keys unaffected
     _assert_error(_complete(server, body, key=server.key_to_revoke), 401, "revoked")
+
+
+# ----------------------------------------------------------------------------------------- chat, streaming, n
+
+
+def _sse_events(resp: httpx.Response) -> list:
+    """The JSON payloads of an SSE response, plus the final "[DONE]" marker as a string."""
+    events = []
+    for line in resp.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        data = line[len("data: "):]
+        events.append(data if data == "[DONE]" else __import__("json").loads(data))
+    return events
+
+
+def test_chat_completion_uses_the_default_template(server, tiny_model):
+    from zeroplane.runtime.serve.app import DEFAULT_CHAT_STOPS, default_chat_prompt
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    prompt = default_chat_prompt(messages)
+    assert prompt == "system: be brief\nuser: hello world\nassistant:"
+    _, ref_text = _reference_greedy(tiny_model, prompt, 12)
+    cuts = [ref_text.find(s) for s in DEFAULT_CHAT_STOPS if s in ref_text]
+    expected = ref_text[: min(cuts)] if cuts else ref_text
+
+    resp = server.client.post("/v1/chat/completions", headers=_auth(server.key),
+                              json={"model": "tiny", "messages": messages, "max_tokens": 12, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny:v1"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    assert body["usage"]["prompt_tokens"] == len(tiny_model.tokenizer(prompt)["input_ids"])
+
+
+def test_streamed_completion_equals_the_plain_answer(server):
+    body = {"prompt": "the quick brown", "max_tokens": 20, "temperature": 0}
+    plain = _complete(server, body)
+    assert plain.status_code == 200, plain.text
+    with server.client.stream("POST", "/v1/completions", headers=_auth(server.key),
+                              json={**body, "stream": True, "stream_options": {"include_usage": True}}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(resp)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert all(e["object"] == "text_completion" and e["model"] == "tiny:v1" for e in chunks)
+    assert len(chunks) >= 3  # token by token, not one blob
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain.json()["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["usage"] == plain.json()["usage"]
+
+
+def test_streamed_chat_and_stream_errors(server):
+    body = {"messages": [{"role": "user", "content": "ray serve"}], "max_tokens": 10, "temperature": 0}
+    plain = server.client.post("/v1/chat/completions", headers=_auth(server.key), json=body)
+    assert plain.status_code == 200, plain.text
+    with server.client.stream("POST", "/v1/chat/completions", headers=_auth(server.key),
+                              json={**body, "stream": True}) as resp:
+        assert resp.status_code == 200
+        events = _sse_events(resp)
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1])
+    assert text == plain.json()["choices"][0]["message"]["content"]
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    # a streaming request with a mistake is a plain 4xx JSON answer, not an event stream
+    resp = server.client.post("/v1/chat/completions", headers=_auth(server.key),
+                              json={**body, "stream": True, "max_tokens": MAX_TOKENS_CAP + 1})
+    _assert_error(resp, 400, "max_tokens", str(MAX_TOKENS_CAP))
+
+
+@pytest.mark.parametrize(
+    "body, needles",
+    [
+        ({}, ["messages", "required"]),
+        ({"messages": []}, ["messages"]),
+        ({"messages": "hi"}, ["messages"]),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, ["messages"]),
+        ({"messages": [{"role": "user", "content": "hi", "extra": 1}]}, ["messages.0.extra"]),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_TOKENS_CAP + 1},
+         ["max_completion_tokens", str(MAX_TOKENS_CAP)]),
+        ({"messages": [{"role": "user", "content": "zebra " * 80}]}, ["messages", str(N_POSITIONS)]),
+    ],
+    ids=["missing", "empty", "string", "bad-role", "extra-key", "over-cap", "too-long"],
+)
+def test_chat_mistakes_get_400(server, body, needles):
+    resp = server.client.post("/v1/chat/completions", headers=_auth(server.key), json=body)
+    _assert_error(resp, 400, *needles)
+
+
+def test_n_choices_and_summed_usage(server):
+    body = {"prompt": "hello", "max_tokens": 6, "temperature": 1.0, "seed": 7, "n": 3}
+    resp = _complete(server, body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert out["usage"]["completion_tokens"] == sum(
+        _complete(server, {**body, "n": 1, "seed": 7 + i}).json()["usage"]["completion_tokens"] for i in range(3)
+    )
+    # choice i is the single answer seeded seed + i
+    assert out["choices"][1]["text"] == _complete(server, {**body, "n": 1, "seed": 8}).json()["choices"][0]["text"]
+
+
+def test_client_disconnect_mid_stream_leaves_the_replica_serving(server):
+    body = {"prompt": "hello", "max_tokens": MAX_TOKENS_CAP, "temperature": 0, "stream": True}
+    for _ in range(3):
+        with server.client.stream("POST", "/v1/completions", headers=_auth(server.key), json=body) as resp:
+            assert resp.status_code == 200
+            next(resp.iter_lines())  # one chunk, then hang up
+    resp = _complete(server, {"prompt": "hello", "max_tokens": 4, "temperature": 0}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert server.client.get("/healthz", timeout=30).status_code == 200
+
+
+def test_openai_client_chat_and_streaming(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.key, max_retries=0)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0
+    )
+    assert chat.model == "tiny:v1" and chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens <= 5
+
+    plain = client.completions.create(model="tiny", prompt="ray serve", max_tokens=8, temperature=0)
+    stream = client.completions.create(model="tiny", prompt="ray serve", max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == plain.choices[0].text
+
+    chat_stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(chat_stream)
+    assert "".join((c.choices[0].delta.content or "") for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[], max_tokens=2)
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (Prometheus text format)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_metrics_count_requests_per_version(server):
+    def scrape() -> str:
+        resp = server.client.get("/metrics", headers=_auth(server.key))
+        assert resp.status_code == 200, resp.text
+        return resp.text
+
+    labels = dict(model="tiny", version="v1", route="completions", status="200")
+    before = scrape()
+    n = 5
+    for _ in range(n):
+        assert _complete(server, {"prompt": "hi", "max_tokens": 3, "temperature": 0}).status_code == 200
+    assert _complete(server, {"prompt": "hi", "max_tokens": 0}).status_code == 400
+    after = scrape()
+    assert _metric(after, "zeroplane_requests_total", **labels) - _metric(before, "zeroplane_requests_total", **labels) == n
+    assert _metric(after, "zeroplane_request_errors_total", model="tiny", version="v1", status="400") >= 1
+    assert (_metric(after, "zeroplane_generated_tokens_total", model="tiny", version="v1")
+            - _metric(before, "zeroplane_generated_tokens_total", model="tiny", version="v1")) == 3 * n
+    assert _metric(after, "zeroplane_request_latency_seconds_count", model="tiny", version="v1") >= n
+    assert server.client.get("/metrics").status_code == 401

@@ -1,11 +1,28 @@
-"""Ray Serve application: one model version behind OpenAI-style HTTP routes.
+"""Ray Serve application: a model version (optionally plus a canary version) behind OpenAI-style HTTP.
 
 Deployed as ``zeroplane.runtime.serve.app:build_app`` (a Serve *application builder*) with a route
 prefix ``/<model_name>``. Routes, relative to that prefix:
 
 * ``POST /v1/completions`` — OpenAI-style text completion (see :class:`CompletionRequest`).
-* ``GET /v1/models`` — the one model this application serves.
+* ``POST /v1/chat/completions`` — OpenAI-style chat (see :class:`ChatCompletionRequest`). The messages
+  become one prompt through the tokenizer's ``chat_template`` when the model version has one, else
+  through a plain default template (:func:`default_chat_prompt`): one ``"<role>: <content>\\n"`` line
+  per message, then ``"assistant:"``; with the default template generation also stops before a
+  ``"\\nuser:"``, ``"\\nsystem:"`` or ``"\\nassistant:"`` line (the model starting the next turn).
+* ``stream: true`` on either route: server-sent events in OpenAI's chunk format, ended by
+  ``data: [DONE]``; ``stream_options: {"include_usage": true}`` adds a last chunk with ``usage``.
+  Streams are generated token by token outside the batcher; a client that disconnects stops its
+  generation after at most one more token.
+* ``GET /v1/models`` — the model version(s) this application serves.
+* ``GET /metrics`` — this replica's counters in Prometheus text format (see :class:`_Metrics`); the same
+  series go to Ray's metrics export (``ray_``-prefixed) through :mod:`ray.serve.metrics`.
 * ``GET /healthz`` — liveness, never needs a key.
+
+Canary: with ``canary`` in the arguments the application has two deployments, ``ModelServer`` (the
+stable version, the HTTP ingress) and ``ModelServerCanary`` (the canary version, reached through a
+deployment handle). The ingress sends ``canary.weight_percent`` % of requests to the canary: chosen
+from a hash of the ``X-Request-Id`` header when the request has one (so a retried request lands on the
+same version), else at random. A request whose ``model`` names a version (``<name>:v2``) goes to it.
 
 Auth: with ``auth`` on (the default) every route but ``/healthz`` needs ``Authorization: Bearer <key>``
 for a non-revoked key of ``<storage_path>/serve/api_keys.json`` (see :mod:`zeroplane.serve_keys`). The
@@ -16,26 +33,29 @@ Errors: every client mistake gets a 4xx with the OpenAI error shape
 ``{"error": {"message", "type": "invalid_request_error", "param", "code"}}`` whose message names the
 field and the limit; 401 bad/missing key, 404 unknown model, 413 oversized body, 400 anything else.
 
-Generation (per replica): requests are queued through ``@serve.batch``. Greedy requests
+Generation (per replica): non-streaming requests are queued through ``@serve.batch``. Greedy requests
 (``temperature == 0``) in a batch are left-padded into one ``generate`` call (grouped so that every row
 fits the context window), run to the longest ``max_tokens`` of the group and cut per request. Sampled
-requests run one by one with their own seed (random when not given) so that a seeded request gives the
-same text whatever else is in the batch. All model work runs in one worker thread under a lock, so the
-replica's event loop keeps answering ``/healthz`` meanwhile; the tokenizer is only used on the event
-loop thread (Hugging Face fast tokenizers are not safe under concurrent use).
+requests run one by one with their own seed (random when not given; choice ``i`` of ``n`` uses
+``seed + i``) so that a seeded request gives the same text whatever else is in the batch. All model work
+runs in worker threads under one lock, so the replica's event loop keeps answering ``/healthz``
+meanwhile; the tokenizer is only used on the event loop thread (Hugging Face fast tokenizers are not
+safe under concurrent use).
 
 Deployment options (``num_replicas``/``autoscaling_config``, ``ray_actor_options``) come from the Serve
-config; the code only names the deployment ``ModelServer`` and raises ``max_ongoing_requests`` so that a
-replica can hold a full batch.
+config; the code only names the deployments and raises ``max_ongoing_requests`` so that a replica can
+hold a full batch.
 """
 
 # No ``from __future__ import annotations`` here: @serve.ingress ships the routes to replicas with
 # cloudpickle, which keeps only the globals a function's code uses, so FastAPI could not resolve a
 # string annotation such as "Request" there and would treat ``request`` as a query parameter.
 import asyncio
+import hashlib
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import tempfile
@@ -44,12 +64,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -65,14 +85,32 @@ MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_TOKENS = 16
 #: Temperatures below this are treated as 0 (greedy): dividing logits by a tinier number overflows.
 GREEDY_TEMPERATURE_EPS = 1e-5
+#: Name of the deployment serving the canary version of a traffic split.
+CANARY_DEPLOYMENT = "ModelServerCanary"
 #: At most this many stop strings per request.
 MAX_STOP_STRINGS = 4
+#: Most choices (``n``) one non-streaming request may ask for.
+MAX_N = 4
+#: Stop strings added with the default chat template: the model starting the next turn.
+DEFAULT_CHAT_STOPS = ("\nuser:", "\nsystem:", "\nassistant:")
 _MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------------------------------
 # Application arguments
 # --------------------------------------------------------------------------------------------------
+
+
+class CanaryArgs(BaseModel):
+    """The canary version of a traffic split (``canary`` of :class:`ServeAppArgs`)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    version: str = Field(min_length=1, description="Canary model version, e.g. 'v2'.")
+    model_uri: str = Field(min_length=1, description="Local folder or s3:// URI of the canary's model folder.")
+    weight_percent: float = Field(
+        gt=0, lt=100, description="Percent of requests (not pinned to a version) sent to the canary; 0 < w < 100."
+    )
 
 
 class ServeAppArgs(BaseModel):
@@ -101,9 +139,16 @@ class ServeAppArgs(BaseModel):
     key_cache_ttl_s: float = Field(
         5.0, ge=0, description="Seconds a replica keeps the API key file before re-reading it."
     )
+    canary: Optional[CanaryArgs] = Field(
+        None, description="A second version taking weight_percent % of the traffic (deployment ModelServerCanary)."
+    )
 
     @model_validator(mode="after")
     def _storage_needed_for_auth(self) -> "ServeAppArgs":
+        if self.canary is not None and self.canary.version == self.version:
+            raise ValueError(
+                f"canary.version {self.canary.version!r} equals version; a canary must be another version"
+            )
         if self.auth and not self.storage_path:
             raise ValueError(
                 "storage_path is required when auth is true (API keys live in <storage_path>/serve/api_keys.json); "
@@ -135,14 +180,17 @@ class CompletionRequest(BaseModel):
     """Body of ``POST /v1/completions`` (a subset of OpenAI's, strictly typed, unknown fields rejected).
 
     Attributes:
-        model: optional; must be ``<model_name>`` or ``<model_name>:<version>`` when given (else 404).
+        model: optional; ``<model_name>`` or ``<model_name>:<version>`` of a served version (else 404).
         prompt: a non-empty string, or a list with exactly one string.
-        max_tokens: number of NEW tokens to generate, 1..``max_tokens_cap``; default 16.
+        max_tokens: number of NEW tokens to generate per choice, 1..``max_tokens_cap``; default 16.
         temperature: 0..2; 0 is greedy decoding; default 1.0.
         top_p: nucleus sampling mass, 0 < top_p <= 1; default 1.0.
         seed: 0..2**63-1; makes sampling reproducible on a given replica/model.
         stop: a string or up to 4 non-empty strings; the text is cut before the first one found.
-        n: must be 1. stream: must be false. echo: must be false. user: accepted and ignored.
+        n: choices to generate, 1..4 (1 when streaming); default 1.
+        stream: server-sent events instead of one JSON answer; default false.
+        stream_options: ``{"include_usage": bool}`` (streaming only).
+        echo: must be false. user: accepted and ignored.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
@@ -154,25 +202,77 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     seed: Optional[int] = Field(None, ge=0, le=_MAX_SEED)
     stop: Optional[Union[str, list[str]]] = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
+    stream_options: Optional["StreamOptions"] = None
     echo: bool = False
     user: Optional[str] = None
 
 
+class StreamOptions(BaseModel):
+    """``stream_options`` of a streaming request."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    """One chat message: ``role`` (system, user or assistant) and its text ``content``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of ``POST /v1/chat/completions``; fields as :class:`CompletionRequest` except:
+
+    Attributes:
+        messages: 1 or more :class:`ChatMessage`; rendered into one prompt (see the module docstring).
+        max_completion_tokens: OpenAI's newer name for ``max_tokens`` (give at most one of the two).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    seed: Optional[int] = Field(None, ge=0, le=_MAX_SEED)
+    stop: Optional[Union[str, list[str]]] = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+
+
+CompletionRequest.model_rebuild()
+
+_ROUTES = (
+    "routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /metrics, GET /healthz"
+)
+
+
 def _field_hints(cap: Optional[int]) -> dict[str, str]:
+    tokens = f"an integer from 1 to {cap} (max_tokens_cap of this deployment)" if cap else "an integer of at least 1"
     return {
         "model": "a string naming the served model",
         "prompt": "a non-empty string, or a list holding exactly one string",
-        "max_tokens": (
-            f"an integer from 1 to {cap} (max_tokens_cap of this deployment)" if cap else "an integer of at least 1"
-        ),
+        "messages": "a non-empty list of {'role': 'system'|'user'|'assistant', 'content': string}",
+        "max_tokens": tokens,
+        "max_completion_tokens": tokens,
         "temperature": "a number from 0 to 2 (0 = greedy)",
         "top_p": "a number greater than 0 and at most 1",
         "seed": f"an integer from 0 to {_MAX_SEED}",
         "stop": f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
-        "n": "1 (one choice per request)",
-        "stream": "false (streaming is not supported by /v1/completions here)",
+        "n": f"an integer from 1 to {MAX_N} (1 when stream is true)",
+        "stream": "true or false",
+        "stream_options": "an object {'include_usage': true|false}, only with stream: true",
         "echo": "false (echo is not supported)",
         "user": "a string",
     }
@@ -226,8 +326,17 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _validation_message(errors: list[dict], body: Any, cap: Optional[int]) -> tuple[str, Optional[str]]:
-    """One line for the first pydantic error: ``(message, offending field)``."""
+def _validation_message(
+    errors: list[dict], body: Any, cap: Optional[int], fields: Optional[list[str]] = None
+) -> tuple[str, Optional[str]]:
+    """One line for the first pydantic error: ``(message, offending field)``.
+
+    Args:
+        errors: pydantic's ``errors()``; only the first is reported.
+        body: the decoded request body (for the offending value).
+        cap: the deployment's ``max_tokens_cap`` (named in the hint), or None.
+        fields: the request schema's field names (listed for an unknown field); default all known.
+    """
     hints = _field_hints(cap)
     err = errors[0]
     loc = err.get("loc") or ()
@@ -243,7 +352,10 @@ def _validation_message(errors: list[dict], body: Any, cap: Optional[int]) -> tu
     if kind == "missing":
         return f"'{field}' is required: {hints.get(field, 'a value')}", field
     if kind == "extra_forbidden":
-        return f"unknown field '{field}'; supported fields: {', '.join(hints)}", field
+        where = ".".join(str(x) for x in loc)
+        if len(loc) > 1:
+            return f"unknown field '{where}'; a message has 'role', 'content' and optionally 'name'", field
+        return f"unknown field '{field}'; supported fields: {', '.join(fields or hints)}", field
     value = body.get(field) if isinstance(body, dict) else err.get("input")
     hint = hints.get(field)
     if hint:
@@ -276,7 +388,7 @@ async def _request_validation_handler(request: Request, exc: RequestValidationEr
 
 @_api.exception_handler(StarletteHTTPException)
 async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    routes = "routes: POST /v1/completions, GET /v1/models, GET /healthz"
+    routes = _ROUTES
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}; {routes}"
     elif exc.status_code == 405:
@@ -327,6 +439,160 @@ def _context_length(config: Any) -> Optional[int]:
     return None
 
 
+@dataclass
+class _Prepared:
+    """A validated request, ready to generate: route kind, prompt ids and per-choice settings."""
+
+    kind: str  # "completions" or "chat"
+    prompt_ids: list[int]
+    max_tokens: int
+    stops: list[str]
+    temperature: float
+    top_p: float
+    seed: Optional[int]
+    n: int
+    stream: bool
+    include_usage: bool
+
+    def job(self, choice: int) -> _Job:
+        seed = None if self.seed is None else (self.seed + choice) % (_MAX_SEED + 1)
+        return _Job(self.prompt_ids, self.max_tokens, self.temperature, self.top_p, seed)
+
+
+def default_chat_prompt(messages: list[dict]) -> str:
+    """The default chat template: ``"<role>: <content>\\n"`` per message, then ``"assistant:"``.
+
+    Used when the model version's tokenizer has no ``chat_template``.
+
+    Args:
+        messages: ``[{"role": ..., "content": ...}, ...]``.
+
+    Returns:
+        The prompt text, e.g. ``"system: be brief\\nuser: hi\\nassistant:"``.
+    """
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def _stop_holdback(text: str, stops: list[str]) -> int:
+    """Characters at the end of ``text`` that could be the start of a stop string (held back when streaming)."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return hold
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class _Metrics:
+    """Per-replica request metrics, tagged ``model`` and ``version`` (and ``route``/``status``).
+
+    Each series is recorded twice: in :mod:`ray.serve.metrics` (exported by Ray's metrics agent on each
+    node's metrics export port with the ``ray_`` prefix and Serve's deployment/replica/application tags)
+    and in a private ``prometheus_client`` registry that ``GET /metrics`` renders (this replica only).
+
+    Series (``zeroplane_`` prefix): ``requests_total{route,status}``, ``request_errors_total{route,status}``
+    (status >= 400), ``request_latency_seconds{route}`` (histogram, request arrival to last byte
+    generated), ``generated_tokens_total`` and ``generation_seconds_total`` (generated tokens/s of a version
+    is ``rate(generated_tokens_total) / rate(generation_seconds_total)`` — or per replica
+    ``generated_tokens_total / generation_seconds_total``).
+    """
+
+    BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self, model: str, version: str) -> None:
+        import prometheus_client as prom
+        from ray.serve import metrics as serve_metrics
+
+        self._tags = {"model": model, "version": version}
+        base = ("model", "version")
+        self.registry = prom.CollectorRegistry()
+        self._prom = {
+            "requests": prom.Counter("zeroplane_requests", "Requests answered.", base + ("route", "status"),
+                                     registry=self.registry),
+            "errors": prom.Counter("zeroplane_request_errors", "Requests answered with status >= 400.",
+                                   base + ("route", "status"), registry=self.registry),
+            "latency": prom.Histogram("zeroplane_request_latency_seconds", "Request latency in seconds.",
+                                      base + ("route",), buckets=self.BUCKETS_S, registry=self.registry),
+            "tokens": prom.Counter("zeroplane_generated_tokens", "Tokens generated.", base, registry=self.registry),
+            "gen_s": prom.Counter("zeroplane_generation_seconds", "Seconds spent in requests that generated tokens.",
+                                  base, registry=self.registry),
+        }
+        self._ray = {
+            "requests": serve_metrics.Counter("zeroplane_requests_total", description="Requests answered.",
+                                              tag_keys=base + ("route", "status")),
+            "errors": serve_metrics.Counter("zeroplane_request_errors_total",
+                                            description="Requests answered with status >= 400.",
+                                            tag_keys=base + ("route", "status")),
+            "latency": serve_metrics.Histogram("zeroplane_request_latency_seconds",
+                                               description="Request latency in seconds.",
+                                               boundaries=list(self.BUCKETS_S), tag_keys=base + ("route",)),
+            "tokens": serve_metrics.Counter("zeroplane_generated_tokens_total", description="Tokens generated.",
+                                            tag_keys=base),
+            "gen_s": serve_metrics.Counter("zeroplane_generation_seconds_total",
+                                           description="Seconds spent in requests that generated tokens.",
+                                           tag_keys=base),
+        }
+
+    def observe(self, route: str, status: int, latency_s: float, tokens: int = 0) -> None:
+        """Record one answered request (``latency_s`` seconds, ``tokens`` generated over all choices)."""
+        rs = {**self._tags, "route": route, "status": str(status)}
+        try:
+            self._prom["requests"].labels(**rs).inc()
+            self._ray["requests"].inc(1, tags=rs)
+            if status >= 400:
+                self._prom["errors"].labels(**rs).inc()
+                self._ray["errors"].inc(1, tags=rs)
+            self._prom["latency"].labels(**self._tags, route=route).observe(latency_s)
+            self._ray["latency"].observe(latency_s, tags={**self._tags, "route": route})
+            if tokens:
+                self._prom["tokens"].labels(**self._tags).inc(tokens)
+                self._ray["tokens"].inc(tokens, tags=dict(self._tags))
+                self._prom["gen_s"].labels(**self._tags).inc(latency_s)
+                self._ray["gen_s"].inc(latency_s, tags=dict(self._tags))
+        except Exception as e:  # noqa: BLE001 - metrics must never fail a request
+            logger.warning("recording metrics failed: %s", e)
+
+    def render(self) -> bytes:
+        """This replica's series in Prometheus text format."""
+        import prometheus_client as prom
+
+        return prom.generate_latest(self.registry)
+
+
+# Module-level helpers used by the routes must be defined before the class: @serve.ingress pickles the
+# routes when the class is decorated.
+async def _relay(events: Any) -> AsyncIterator[str]:
+    """Pass SSE chunks on to the client; on a disconnect close (or cancel) the source generator."""
+    try:
+        async for item in events:
+            yield item
+    finally:
+        await _close_events(events)
+
+
+async def _close_events(events: Any) -> None:
+    if hasattr(events, "aclose"):
+        await events.aclose()
+    elif hasattr(events, "cancel"):
+        events.cancel()
+
+
+class _StreamState:
+    """Decoding state of one streamed choice (KV cache, next input, token count, finish reason)."""
+
+    def __init__(self, prompt_ids: list[int], seed: Optional[int]) -> None:
+        self.past: Any = None
+        self.next_input = torch.tensor([prompt_ids], dtype=torch.long)
+        self.generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+        self.n_tokens = 0
+        self.finish = "length"
+
+
 # --------------------------------------------------------------------------------------------------
 # The deployment
 # --------------------------------------------------------------------------------------------------
@@ -339,24 +605,32 @@ class ModelServer:
 
     Args:
         args: the validated :class:`ServeAppArgs` as a dict (see :func:`build_app`).
+        canary: deployment handle of the canary version's ``ModelServerCanary`` (only on the ingress of a
+            traffic split), else None.
 
     Raises:
         FileNotFoundError: ``model_uri`` is a local path that does not exist or has no config.json.
         OSError: an ``s3://`` model could not be downloaded.
     """
 
-    def __init__(self, args: dict) -> None:
+    def __init__(self, args: dict, canary: Any = None) -> None:
         self._args = _parse_args(args)
         self._name = self._args.model_name
         self._served_id = f"{self._args.model_name}:{self._args.version}"
         self._created = int(time.time())
         self._tmpdir: Optional[str] = None
         self._gen_lock = threading.Lock()
+        self._canary = canary
+        split = self._args.canary
+        self._canary_id = f"{self._name}:{split.version}" if split is not None and canary is not None else None
+        self._canary_weight = split.weight_percent if self._canary_id else 0.0
+        self._rng = random.Random()
 
         local = self._fetch_model(self._args.model_uri)
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self._tokenizer = AutoTokenizer.from_pretrained(local)
+        self._chat_template = bool(getattr(self._tokenizer, "chat_template", None))
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
         self._model = model.to(self._device).eval()
@@ -374,12 +648,14 @@ class ModelServer:
         self._keys_records: Optional[list[dict]] = None
         self._keys_loaded_at = float("-inf")
         self._keys_lock: Optional[asyncio.Lock] = None
+        self._metrics = _Metrics(self._name, self._args.version)
 
         self._generate_batch.set_max_batch_size(self._args.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self._args.batch_wait_timeout_s)
         logger.info(
-            "zeroplane ModelServer %s loaded from %s (context %s, device %s, auth %s)",
+            "zeroplane ModelServer %s loaded from %s (context %s, device %s, auth %s, canary %s at %s%%)",
             self._served_id, self._args.model_uri, self._context, self._device, self._args.auth,
+            self._canary_id, self._canary_weight,
         )
 
     def _fetch_model(self, uri: str) -> str:
@@ -454,64 +730,186 @@ class ModelServer:
 
     @_api.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
-        """OpenAI-style model list holding this application's one model version."""
+        """OpenAI-style model list: this version, plus the canary version and both weights in a split."""
         await self._authorize(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self._served_id,
-                    "object": "model",
-                    "created": self._created,
-                    "owned_by": "zeroplane",
-                    "root": self._name,
-                    "version": self._args.version,
-                    "context_length": self._context,
-                    "max_tokens_cap": self._args.max_tokens_cap,
-                }
-            ],
+        entry = {
+            "id": self._served_id,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "zeroplane",
+            "root": self._name,
+            "version": self._args.version,
+            "context_length": self._context,
+            "max_tokens_cap": self._args.max_tokens_cap,
         }
+        data = [entry]
+        if self._canary_id is not None:
+            entry["weight_percent"] = 100.0 - self._canary_weight
+            data.append({**entry, "id": self._canary_id, "version": self._args.canary.version,
+                         "weight_percent": self._canary_weight})
+        return {"object": "list", "data": data}
+
+    @_api.get("/metrics")
+    async def metrics(self, request: Request) -> PlainTextResponse:
+        """This replica's request metrics in Prometheus text format (see :class:`_Metrics`)."""
+        await self._authorize(request)
+        return PlainTextResponse(self._metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @_api.post("/v1/completions")
-    async def completions(self, request: Request) -> dict:
+    async def completions(self, request: Request):
         """OpenAI-style text completion; see :class:`CompletionRequest` for the body."""
-        await self._authorize(request)
-        body = await self._read_json(request)
-        req = self._validate(body)
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        max_tokens = req.max_tokens
-        if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, self._args.max_tokens_cap)
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return await self._dispatch("completions", request)
 
-        prompt_ids = list(self._tokenizer(prompt)["input_ids"])
-        if not prompt_ids:
-            raise APIError(400, "'prompt' encodes to zero tokens; send some text", param="prompt")
-        if self._context is not None and len(prompt_ids) + max_tokens > self._context:
-            room = self._context - max_tokens
-            raise APIError(
-                400,
-                f"'prompt' is {len(prompt_ids)} tokens; with max_tokens={max_tokens} that is "
-                f"{len(prompt_ids) + max_tokens} tokens, over the model's context of {self._context} tokens; "
-                f"shorten the prompt to at most {max(room, 0)} tokens or lower max_tokens",
-                param="prompt", code="context_length_exceeded",
-            )
+    @_api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        """OpenAI-style chat completion; see :class:`ChatCompletionRequest` for the body."""
+        return await self._dispatch("chat", request)
 
-        job = _Job(prompt_ids, max_tokens, req.temperature, req.top_p, req.seed)
-        new_ids = await self._generate_batch(job)
-        text, n_tokens, finish = self._finish(new_ids, max_tokens, stops)
+    # ---------------------------------------------------------------------------------- handle entry points
+
+    async def handle_api(self, kind: str, body: Any) -> tuple[int, dict]:
+        """Answer a non-streaming request forwarded by the ingress of a traffic split.
+
+        Args:
+            kind: ``"completions"`` or ``"chat"``.
+            body: the decoded JSON body (already authorized by the ingress).
+
+        Returns:
+            ``(HTTP status, JSON body)`` — the answer, or the OpenAI error shape for a 4xx.
+        """
+        try:
+            return 200, await self._answer(kind, body, time.monotonic())
+        except APIError as e:
+            return e.status, {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+    async def stream_api(self, kind: str, body: Any) -> AsyncIterator[Union[dict, str]]:
+        """Streaming twin of :meth:`handle_api`: first ``{"status", "error"?}``, then SSE text chunks."""
+        async for item in self._stream(kind, body, time.monotonic()):
+            yield item
+
+    # ---------------------------------------------------------------------------------- dispatch
+
+    async def _dispatch(self, kind: str, request: Request):
+        started = time.monotonic()
+        try:
+            await self._authorize(request)
+            body = await self._read_json(request)
+        except APIError as e:
+            self._metrics.observe(kind, e.status, time.monotonic() - started)
+            raise
+        target = self._pick_target(body, request)
+        streaming = isinstance(body, dict) and body.get("stream") is True
+        if not streaming:
+            if target is None:
+                return await self._answer(kind, body, started)
+            status, payload = await target.handle_api.remote(kind, body)
+            return JSONResponse(status_code=status, content=payload)
+        if target is None:
+            events: Any = self._stream(kind, body, started)
+        else:
+            events = target.options(stream=True).stream_api.remote(kind, body)
+        try:
+            first = await events.__anext__()
+        except BaseException:
+            await _close_events(events)
+            raise
+        if first["status"] != 200:
+            await _close_events(events)
+            return JSONResponse(status_code=first["status"], content={"error": first["error"]})
+        return StreamingResponse(
+            _relay(events), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    def _pick_target(self, body: Any, request: Request) -> Any:
+        """None to answer here, or the canary's handle: by a pinned ``model`` version, else by weight."""
+        if self._canary_id is None:
+            return None
+        model = body.get("model") if isinstance(body, dict) else None
+        if model == self._canary_id:
+            return self._canary
+        if model == self._served_id:
+            return None
+        request_id = request.headers.get("x-request-id")
+        if request_id:
+            draw = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") / 2.0**64
+        else:
+            draw = self._rng.random()
+        return self._canary if draw * 100.0 < self._canary_weight else None
+
+    async def _answer(self, kind: str, body: Any, started: float) -> dict:
+        """The JSON answer of a non-streaming request (metrics recorded). Raises :class:`APIError`."""
+        try:
+            p = self._prepare(kind, body)
+            outs = await asyncio.gather(*(self._generate_batch(p.job(i)) for i in range(p.n)))
+        except APIError as e:
+            self._metrics.observe(kind, e.status, time.monotonic() - started)
+            raise
+        choices, completion_tokens = [], 0
+        for i, new_ids in enumerate(outs):
+            text, n_tokens, finish = self._finish(new_ids, p.max_tokens, p.stops)
+            completion_tokens += n_tokens
+            if kind == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "finish_reason": finish, "logprobs": None})
+            else:
+                choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
+        self._metrics.observe(kind, 200, time.monotonic() - started, completion_tokens)
         return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
+            "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()),
             "model": self._served_id,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            "choices": choices,
             "usage": {
-                "prompt_tokens": len(prompt_ids),
-                "completion_tokens": n_tokens,
-                "total_tokens": len(prompt_ids) + n_tokens,
+                "prompt_tokens": len(p.prompt_ids),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(p.prompt_ids) + completion_tokens,
             },
         }
+
+    async def _stream(self, kind: str, body: Any, started: float) -> AsyncIterator[Union[dict, str]]:
+        """``{"status": 200}`` then the SSE chunks of a streamed answer; or ``{"status": 4xx, "error"}``."""
+        try:
+            p = self._prepare(kind, body)
+        except APIError as e:
+            self._metrics.observe(kind, e.status, time.monotonic() - started)
+            yield {"status": e.status, "error": {"message": e.message, "type": e.type, "param": e.param,
+                                                 "code": e.code}}
+            return
+        yield {"status": 200}
+        chat = kind == "chat"
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self._served_id,
+        }
+
+        def chunk(text: Optional[str], finish: Optional[str], first: bool = False) -> str:
+            if chat:
+                delta: dict = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return _sse({**head, "choices": [choice]})
+
+        state = _StreamState(p.prompt_ids, p.seed)
+        status = 499  # until the stream completes: the client went away
+        try:
+            if chat:
+                yield chunk(None, None, first=True)
+            async for delta in self._stream_text(p, state):
+                yield chunk(delta, None)
+            yield chunk(None if chat else "", state.finish)
+            if p.include_usage:
+                usage = {"prompt_tokens": len(p.prompt_ids), "completion_tokens": state.n_tokens,
+                         "total_tokens": len(p.prompt_ids) + state.n_tokens}
+                yield _sse({**head, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+            status = 200
+        finally:
+            self._metrics.observe(kind, status, time.monotonic() - started, state.n_tokens)
 
     # ---------------------------------------------------------------------------------- request parsing
 
@@ -523,51 +921,100 @@ class ModelServer:
         if len(raw) > MAX_BODY_BYTES:
             raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES} bytes")
         if not raw.strip():
-            raise APIError(400, "request body is empty; send a JSON object with at least 'prompt'")
+            raise APIError(400, "request body is empty; send a JSON object (see the OpenAI API for the fields)")
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from None
 
-    def _validate(self, body: Any) -> CompletionRequest:
+    def _validate(self, body: Any, kind: str) -> Union[CompletionRequest, ChatCompletionRequest]:
         cap = self._args.max_tokens_cap
+        schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
         if not isinstance(body, dict):
             raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}")
         try:
-            req = CompletionRequest.model_validate(body)
+            req = schema.model_validate(body)
         except ValidationError as e:
-            message, param = _validation_message(e.errors(), body, cap)
+            message, param = _validation_message(e.errors(), body, cap, list(schema.model_fields))
             raise APIError(400, message, param=param) from None
         hints = _field_hints(cap)
-        if req.model is not None and req.model not in (self._name, self._served_id):
+        if req.model is not None and req.model not in (self._name, self._served_id, self._canary_id):
+            served = ", ".join(repr(m) for m in (self._name, self._served_id, self._canary_id) if m)
             raise APIError(
                 404,
                 f"model {req.model!r} not found; this endpoint serves {self._name!r} "
-                f"(version {self._args.version}): use 'model': {self._name!r} or {self._served_id!r}",
+                f"(version {self._args.version}): use 'model' one of {served}",
                 param="model", code="model_not_found",
             )
-        if isinstance(req.prompt, list) and len(req.prompt) != 1:
-            raise APIError(
-                400, f"'prompt' must be {hints['prompt']}; got a list of {len(req.prompt)}", param="prompt"
-            )
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        if not prompt:
-            raise APIError(400, f"'prompt' must be {hints['prompt']}; got an empty string", param="prompt")
-        if req.max_tokens is not None and req.max_tokens > cap:
-            raise APIError(
-                400,
-                f"'max_tokens' is {req.max_tokens}, over this deployment's limit of {cap} (max_tokens_cap)",
-                param="max_tokens",
-            )
+        if isinstance(req, CompletionRequest):
+            if isinstance(req.prompt, list) and len(req.prompt) != 1:
+                raise APIError(
+                    400, f"'prompt' must be {hints['prompt']}; got a list of {len(req.prompt)}", param="prompt"
+                )
+            prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            if not prompt:
+                raise APIError(400, f"'prompt' must be {hints['prompt']}; got an empty string", param="prompt")
+            if req.echo:
+                raise APIError(400, f"'echo' must be {hints['echo']}", param="echo")
+        else:
+            if req.max_tokens is not None and req.max_completion_tokens is not None:
+                raise APIError(
+                    400, "give either 'max_tokens' or 'max_completion_tokens', not both", param="max_completion_tokens"
+                )
+        for field in ("max_tokens", "max_completion_tokens"):
+            value = getattr(req, field, None)
+            if value is not None and value > cap:
+                raise APIError(
+                    400, f"'{field}' is {value}, over this deployment's limit of {cap} (max_tokens_cap)", param=field
+                )
         if req.stop is not None:
             stops = [req.stop] if isinstance(req.stop, str) else req.stop
             if len(stops) > MAX_STOP_STRINGS or not all(stops):
                 raise APIError(400, f"'stop' must be {hints['stop']}; got {_short(req.stop)}", param="stop")
-        if req.stream:
-            raise APIError(400, f"'stream' must be {hints['stream']}", param="stream")
-        if req.echo:
-            raise APIError(400, f"'echo' must be {hints['echo']}", param="echo")
+        if req.stream and req.n != 1:
+            raise APIError(400, f"'n' must be 1 when 'stream' is true; got {req.n}", param="n")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
         return req
+
+    def _prepare(self, kind: str, body: Any) -> _Prepared:
+        """Validate ``body`` and tokenize its prompt. Raises :class:`APIError` (4xx) for any mistake."""
+        req = self._validate(body, kind)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+            if self._chat_template:
+                try:
+                    prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                except Exception as e:  # noqa: BLE001 - a template may reject a message order
+                    raise APIError(400, f"'messages' do not fit this model's chat template: {e}", param="messages") from None
+            else:
+                prompt = default_chat_prompt(messages)
+                stops += list(DEFAULT_CHAT_STOPS)
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            param = "messages"
+        else:
+            prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            max_tokens = req.max_tokens
+            param = "prompt"
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, self._args.max_tokens_cap)
+
+        prompt_ids = list(self._tokenizer(prompt)["input_ids"])
+        if not prompt_ids:
+            raise APIError(400, f"'{param}' encodes to zero tokens; send some text", param=param)
+        if self._context is not None and len(prompt_ids) + max_tokens > self._context:
+            room = self._context - max_tokens
+            raise APIError(
+                400,
+                f"'{param}' is {len(prompt_ids)} tokens; with max_tokens={max_tokens} that is "
+                f"{len(prompt_ids) + max_tokens} tokens, over the model's context of {self._context} tokens; "
+                f"shorten the {param} to at most {max(room, 0)} tokens or lower max_tokens",
+                param=param, code="context_length_exceeded",
+            )
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _Prepared(kind, prompt_ids, max_tokens, stops, req.temperature, req.top_p, req.seed, req.n,
+                         req.stream, include_usage)
 
     # ---------------------------------------------------------------------------------- generation
 
@@ -664,6 +1111,63 @@ class ModelServer:
                     break
         return text, n_tokens, finish
 
+    # ---------------------------------------------------------------------------------- streaming
+
+    async def _stream_text(self, p: _Prepared, state: _StreamState) -> AsyncIterator[str]:
+        """Generate one choice token by token, yielding text deltas; sets ``state.n_tokens``/``finish``.
+
+        Text that could be the start of a stop string (or an incomplete UTF-8 character) is held back
+        until it is known not to be; the text is cut before the first stop string, like :meth:`_finish`.
+        Each token is one forward pass in a worker thread under the generation lock, so cancelling the
+        consumer (a client disconnect) stops generation after at most the token in flight.
+        """
+        ids: list[int] = []
+        emitted = 0
+        text = ""
+        for _ in range(p.max_tokens):
+            token = await asyncio.to_thread(self._next_token, state, p)
+            ids.append(token)
+            state.n_tokens = len(ids)
+            if self._eos_id is not None and token == self._eos_id:
+                state.finish = "stop"
+                break
+            text = self._tokenizer.decode(ids, skip_special_tokens=True)
+            cut = min((text.find(s) for s in p.stops if s in text), default=-1)
+            if cut >= 0:
+                state.finish = "stop"
+                text = text[:cut]
+                break
+            safe = len(text) - _stop_holdback(text, p.stops)
+            if text.endswith("\ufffd"):
+                safe = min(safe, len(text) - 1)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        else:
+            text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        if state.finish == "stop" and self._eos_id is not None and ids and ids[-1] == self._eos_id:
+            text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    def _next_token(self, state: _StreamState, p: _Prepared) -> int:
+        """One forward pass with the KV cache; returns the next token id (greedy or sampled)."""
+        with self._gen_lock, torch.inference_mode():
+            out = self._model(input_ids=state.next_input.to(self._device), past_key_values=state.past, use_cache=True)
+            state.past = out.past_key_values
+            logits = out.logits[0, -1].float().cpu()
+            if p.temperature < GREEDY_TEMPERATURE_EPS:
+                token = int(torch.argmax(logits))
+            else:
+                probs = torch.softmax(logits / p.temperature, dim=-1)
+                if p.top_p < 1.0:
+                    sorted_probs, order = torch.sort(probs, descending=True)
+                    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p
+                    probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+                token = int(torch.multinomial(probs, 1, generator=state.generator))
+            state.next_input = torch.tensor([[token]], dtype=torch.long)
+        return token
+
 
 def build_app(args: dict) -> serve.Application:
     """Serve application builder for one model version (``zeroplane.runtime.serve.app:build_app``).
@@ -675,10 +1179,12 @@ def build_app(args: dict) -> serve.Application:
             ``serve/api_keys.json``; required when ``auth``), ``auth`` (bool, default true),
             ``max_tokens_cap`` (int, default 256), ``max_batch_size`` (int, default 8),
             ``batch_wait_timeout_s`` (float seconds, default 0.01), ``key_cache_ttl_s`` (float
-            seconds, default 5).
+            seconds, default 5), ``canary`` (optional ``{"version", "model_uri", "weight_percent"}``).
 
     Returns:
-        The bound ``ModelServer`` deployment, to be run with ``route_prefix="/<model_name>"``.
+        The bound ``ModelServer`` deployment (the HTTP ingress), to be run with
+        ``route_prefix="/<model_name>"``; with ``canary`` it holds a handle to a second deployment,
+        ``ModelServerCanary``, serving the canary version with the same options.
         ``max_ongoing_requests`` defaults to ``max(16, 2 * max_batch_size)`` per replica so a full
         batch can form; a Serve config that sets it wins.
 
@@ -686,5 +1192,11 @@ def build_app(args: dict) -> serve.Application:
         ValueError: a missing, misspelled or out-of-range argument (the message names it).
     """
     cfg = _parse_args(args)
-    deployment = ModelServer.options(max_ongoing_requests=max(16, 2 * cfg.max_batch_size))
-    return deployment.bind(cfg.model_dump())
+    ongoing = max(16, 2 * cfg.max_batch_size)
+    canary = None
+    if cfg.canary is not None:
+        canary_args = cfg.model_copy(update={
+            "version": cfg.canary.version, "model_uri": cfg.canary.model_uri, "canary": None,
+        }).model_dump()
+        canary = ModelServer.options(name=CANARY_DEPLOYMENT, max_ongoing_requests=ongoing).bind(canary_args)
+    return ModelServer.options(max_ongoing_requests=ongoing).bind(cfg.model_dump(), canary)
