@@ -894,6 +894,16 @@ def _stop_locked(grace_s: float) -> list[int]:
     proc_meta = data.get("processes") or {}
     addresses = [data["address"]] if isinstance(data.get("address"), str) else []
 
+    ended = _end_node_procs(proc_meta, temp_dirs, addresses, grace_s)
+    with contextlib.suppress(FileNotFoundError):
+        state_file().unlink()
+    return sorted(ended)
+
+
+def _end_node_procs(
+    proc_meta: dict[str, Any], temp_dirs: list[str], addresses: list[str], grace_s: float
+) -> set[int]:
+    """End recorded pids, processes referencing ``temp_dirs``/``addresses``, and descendants."""
     ended: set[int] = set()
     for _ in range(5):  # new workers may spawn while the raylet dies: re-scan
         procs = _collect_head_procs(proc_meta, temp_dirs, addresses)
@@ -901,9 +911,87 @@ def _stop_locked(grace_s: float) -> list[int]:
         if not procs:
             break
         ended |= _terminate(procs, grace_s)
-    with contextlib.suppress(FileNotFoundError):
-        state_file().unlink()
-    return sorted(ended)
+    return ended
+
+
+def join_local_worker(
+    head_address: str,
+    temp_dir: str,
+    num_cpus: int = 1,
+    resources: dict[str, float] | None = None,
+    timeout_s: float = 60,
+) -> list[int]:
+    """Start a second Ray node on this machine that joins the cluster at ``head_address``.
+
+    For trying multi-node behaviour on one machine (two raylets, one GCS): ``ray start --address``
+    with its own ``temp_dir`` (logs, sockets), free ports, and the same token authentication as the
+    head (``RAY_AUTH_MODE=token`` when a token is available). Stop it with :func:`stop_local_worker`
+    and the same ``temp_dir``; nothing else on the machine is touched.
+
+    Args:
+        head_address: GCS address ``host:port`` of the head (``ClusterInfo.address``).
+        temp_dir: Ray temp dir for this node; short (unix socket paths), created with mode 0700.
+        num_cpus: Logical CPUs the node advertises (default 1).
+        resources: Custom Ray resources of the node, e.g. ``{"node_b": 1}``.
+        timeout_s: Seconds to wait for ``ray start`` (default 60).
+
+    Returns:
+        Sorted pids of the node's processes right after start.
+
+    Raises:
+        SpecError: ``num_cpus < 0``.
+        ZeroplaneError: ``ray start`` failed or timed out (the message ends with its output).
+    """
+    if num_cpus < 0:
+        raise SpecError(f"num_cpus must be >= 0, got {num_cpus}")
+    _prepare_temp_dir(temp_dir)
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.update(auth_env())
+    taken: set[int] = set()
+    ports = []
+    for _ in range(2):
+        ports.append(_free_port(taken))
+        taken.add(ports[-1])
+    cmd = _ray_start_command() + [
+        "start",
+        f"--address={head_address}",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir}",
+        f"--dashboard-agent-listen-port={ports[0]}",
+        f"--dashboard-agent-grpc-port={ports[1]}",
+        "--disable-usage-stats",
+    ]
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
+    log_path = Path(temp_dir) / "ray-start-worker.log"
+    try:
+        with open(log_path, "w") as log:
+            rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, timeout=timeout_s, check=False).returncode
+    except subprocess.TimeoutExpired:
+        rc = None
+    if rc != 0:
+        with contextlib.suppress(Exception):
+            stop_local_worker(temp_dir, grace_s=5)
+        why = f"exit code {rc}" if rc is not None else f"timed out after {timeout_s:g}s"
+        raise ZeroplaneError(f"`ray start --address {head_address}` failed ({why}): {_tail(log_path)}")
+    return sorted(_collect_head_procs({}, [temp_dir]))
+
+
+def stop_local_worker(temp_dir: str, grace_s: float = 10) -> list[int]:
+    """Stop a node started by :func:`join_local_worker`: every process referencing its ``temp_dir``
+    and their descendants (SIGTERM, then SIGKILL after ``grace_s``). Never ``ray stop``.
+
+    Returns:
+        Sorted pids that were ended.
+
+    Raises:
+        ZeroplaneError: a process survived SIGKILL.
+    """
+    return sorted(_end_node_procs({}, [temp_dir], [], grace_s))
 
 
 # --------------------------------------------------------------------------------------
@@ -1113,9 +1201,11 @@ __all__ = [
     "auth_env",
     "auth_headers",
     "cluster_status",
+    "join_local_worker",
     "resolve_cluster",
     "start_local_head",
     "state_dir",
     "state_file",
     "stop_local_head",
+    "stop_local_worker",
 ]

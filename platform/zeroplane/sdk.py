@@ -81,13 +81,33 @@ class Client:
         """Submit ``spec`` as a Ray Job after a storage preflight; returns ``{"job_id", "storage"}``.
 
         Raises:
-            ZeroplaneError: the storage is not writable or the submission failed.
+            ZeroplaneError: the storage is not writable, it is a local folder on a multi-node cluster
+                (without ``checkpoint.shared_filesystem: true``), or the submission failed.
         """
         storage = Storage.for_checkpoint_spec(spec.checkpoint)
+        if storage.is_local and not spec.checkpoint.shared_filesystem:
+            self._check_single_node(storage)
         preflight_storage(storage)
         job_id = job_id or new_job_id(spec.name)
         self.jobs.submit(build_request(spec, job_id))
         return {"job_id": job_id, "storage": storage.uri_of(storage.path("jobs", job_id))}
+
+    def _check_single_node(self, storage: Storage) -> None:
+        """Refuse a node-local storage folder when the cluster has more than one alive node.
+
+        Ray Train workers on other nodes would persist their checkpoint shards to their own disks, so no
+        node would hold a complete checkpoint. A cluster whose node list cannot be read is not refused.
+        """
+        from .cluster import cluster_status
+
+        nodes = [n for n in cluster_status(self.cluster).get("nodes", []) if n.get("alive")]
+        if len(nodes) > 1:
+            raise ZeroplaneError(
+                f"checkpoint.storage_path {storage.uri} is a local folder but the cluster at "
+                f"{self.cluster.dashboard_url} has {len(nodes)} nodes, whose workers would each write to their "
+                "own disk; use s3://bucket/prefix, or set checkpoint.shared_filesystem: true if that path is "
+                "one shared mount (NFS) on every node"
+            )
 
     def spec_of(self, job_id: str) -> JobSpec:
         """The resolved spec a job was submitted with (from its runtime environment)."""
