@@ -1066,28 +1066,94 @@ def _same_endpoint(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def resolve_cluster(address: str | None = None) -> ClusterInfo:
+CONFIG_FILE_NAME = "config.yaml"
+"""Name of the profiles file inside :func:`state_dir` (``~/.zeroplane/config.yaml``)."""
+
+_PROFILE_KEYS = {"address", "auth_token_file", "storage"}
+
+
+def load_profile(name: str | None = None) -> dict[str, Any] | None:
+    """Return a named cluster profile from ``<state_dir>/config.yaml``.
+
+    The file looks like ``profiles: {gpu: {address: http://10.0.0.10:8265, auth_token_file:
+    ~/.ray/gpu_token, storage: s3://bucket/zp}}``; only ``address`` is required.
+
+    Args:
+        name: Profile name; default ``$ZEROPLANE_PROFILE``. None/empty selects no profile.
+
+    Returns:
+        The profile mapping, or None when no profile is selected.
+
+    Raises:
+        SpecError: a profile is selected but the file is missing or invalid, the profile does not
+            exist, lacks ``address`` or has an unknown key.
+    """
+    import yaml
+
+    name = name or os.environ.get("ZEROPLANE_PROFILE") or None
+    if not name:
+        return None
+    path = state_dir() / CONFIG_FILE_NAME
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(
+            f"profile {name!r} is selected but {path} does not exist; create it with "
+            f"`profiles: {{{name}: {{address: http://HOST:8265}}}}` or unset ZEROPLANE_PROFILE"
+        ) from None
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(f"{path}: cannot read profiles: {str(e).splitlines()[0]}") from None
+    profiles = data.get("profiles") if isinstance(data, dict) else None
+    if not isinstance(profiles, dict) or name not in profiles:
+        known = ", ".join(sorted(profiles)) if isinstance(profiles, dict) and profiles else "none"
+        raise SpecError(f"profile {name!r} is not in {path} (profiles: {known})")
+    prof = profiles[name]
+    if not isinstance(prof, dict) or not isinstance(prof.get("address"), str) or not prof["address"].strip():
+        raise SpecError(f"{path}: profiles.{name}.address is missing; add e.g. address: http://HOST:8265")
+    unknown = sorted(set(prof) - _PROFILE_KEYS)
+    if unknown:
+        raise SpecError(
+            f"{path}: profiles.{name}.{unknown[0]} is not a profile key; use {', '.join(sorted(_PROFILE_KEYS))}"
+        )
+    return dict(prof)
+
+
+def resolve_cluster(address: str | None = None, profile: str | None = None) -> ClusterInfo:
     """Find the Ray cluster to use.
 
     Order: the ``address`` argument, env ``RAY_ADDRESS`` (``auto``/``local`` mean "the local
-    cluster"), then the local cluster recorded by ``zeroplane cluster up`` if it is alive.
+    cluster"), a named profile of ``~/.zeroplane/config.yaml`` (``profile`` or
+    ``$ZEROPLANE_PROFILE``, see :func:`load_profile`), then the local cluster recorded by
+    ``zeroplane cluster up`` if it is alive.
     An address is a dashboard URL ``http://host:port`` (GCS assumed at ``host:6379``) or a
     GCS address ``host[:port]`` (dashboard assumed at ``http://host:8265``). An address that
     matches the live local cluster's GCS address or dashboard URL resolves to the local
     cluster's full info. For a non-local cluster the Serve port is ``$ZEROPLANE_SERVE_PORT``
-    or 8000. No network check is done for explicit addresses.
+    or 8000. No network check is done for explicit addresses. A profile's ``auth_token_file``
+    becomes ``RAY_AUTH_TOKEN_PATH`` of this process unless ``RAY_AUTH_TOKEN`` or
+    ``RAY_AUTH_TOKEN_PATH`` is already set.
 
     Args:
         address: Explicit address, or None.
+        profile: Profile name, or None for ``$ZEROPLANE_PROFILE``.
 
     Returns:
         The resolved :class:`ClusterInfo`.
 
     Raises:
-        SpecError: the address is malformed or a ``ray://`` client address.
+        SpecError: the address is malformed or a ``ray://`` client address; a selected profile
+            is missing or invalid.
         ZeroplaneError: no address given and no live local cluster.
     """
     candidates = [(address, "--address"), (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")]
+    prof = None
+    if not any(v is not None and v.strip() for v, _ in candidates):
+        prof = load_profile(profile)
+        if prof is not None:
+            candidates.append((prof["address"], f"profile {profile or os.environ.get('ZEROPLANE_PROFILE')!r}"))
+            token_file = prof.get("auth_token_file")
+            if token_file and not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+                os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(str(token_file)).expanduser())
     for value, source in candidates:
         if value is None or not value.strip():
             continue
@@ -1104,6 +1170,47 @@ def resolve_cluster(address: str | None = None) -> ClusterInfo:
     if local is not None:
         return local
     raise ZeroplaneError(_NO_CLUSTER_MESSAGE)
+
+
+def launcher_command(action: str, config: str | os.PathLike[str]) -> list[str]:
+    """The Ray cluster-launcher command for ``zeroplane cluster up|down CONFIG``.
+
+    ``up`` is ``ray up -y CONFIG`` (create or update the cluster: nodes, setup commands, Ray),
+    ``down`` is ``ray down -y CONFIG``; both run with the interpreter running zeroplane, so with
+    its Ray installation.
+
+    Args:
+        action: ``"up"`` or ``"down"``.
+        config: Path of a Ray cluster-launcher YAML, e.g. ``cluster/aws.yaml``.
+
+    Returns:
+        The argv to run.
+
+    Raises:
+        SpecError: an unknown action, or ``config`` is not an existing file.
+    """
+    if action not in ("up", "down"):
+        raise SpecError(f"cluster action {action!r} is not supported; use up or down")
+    path = Path(config)
+    if not path.is_file():
+        raise SpecError(
+            f"cluster config {str(config)!r} does not exist; pass a Ray cluster-launcher YAML such as "
+            "cluster/aws.yaml, or no CONFIG for the local head"
+        )
+    return _ray_start_command() + [action, "-y", str(path)]
+
+
+def run_launcher(action: str, config: str | os.PathLike[str]) -> None:
+    """Run :func:`launcher_command` in the foreground (its output goes to this terminal).
+
+    Raises:
+        SpecError: see :func:`launcher_command`.
+        ZeroplaneError: the launcher exited non-zero.
+    """
+    cmd = launcher_command(action, config)
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc != 0:
+        raise ZeroplaneError(f"`ray {action} -y {config}` failed with exit code {rc}; see its output above")
 
 
 def cluster_status(info: ClusterInfo) -> dict[str, Any]:
@@ -1202,7 +1309,10 @@ __all__ = [
     "auth_headers",
     "cluster_status",
     "join_local_worker",
+    "launcher_command",
+    "load_profile",
     "resolve_cluster",
+    "run_launcher",
     "start_local_head",
     "state_dir",
     "state_file",
