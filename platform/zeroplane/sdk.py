@@ -109,6 +109,52 @@ class Client:
                 "one shared mount (NFS) on every node"
             )
 
+    def resume(self, job_id: str, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
+        """Resubmit a finished job so that it continues from its newest complete checkpoint.
+
+        The new Ray Job is ``<job>-r<k>`` (k = 1, 2, …) and runs under the ORIGINAL zeroplane job id: same
+        run folder, same checkpoints, same spec (``train.stop_after_steps`` cleared, then ``overrides``
+        applied). Resuming a resumed submission resumes the same job.
+
+        Args:
+            job_id: the job id or any of its resume submission ids.
+            overrides: ``key.path=value`` strings, as ``--set``.
+
+        Returns:
+            ``{"job_id": <new submission id>, "zeroplane_job_id", "resume_step": int | None, "storage"}``
+            (``resume_step`` None: no complete checkpoint yet, the job starts again from step 0).
+
+        Raises:
+            ZeroplaneError: the job is still running (stop it first), storage is not writable, or the
+                submission failed.
+            SpecError: a bad override.
+        """
+        from .checkpoints import latest_complete
+        from .spec import apply_overrides
+
+        info = self.jobs.info(job_id)
+        if info["status"] not in TERMINAL:
+            raise ZeroplaneError(f"job {job_id} is {info['status']}; resume it once it has ended "
+                                 f"(`zeroplane train stop {job_id}`)")
+        run = info["zeroplane_job_id"]
+        raw = self.spec_of(job_id).model_dump(mode="json")
+        raw["train"]["stop_after_steps"] = None
+        spec = parse_spec(apply_overrides(raw, overrides or []), source=f"{job_id} with --set")
+        storage = Storage.for_checkpoint_spec(spec.checkpoint)
+        preflight_storage(storage)
+        newest = latest_complete(storage, run)
+        taken = {j["job_id"] for j in self.jobs.list()}
+        k = 1
+        while f"{run}-r{k}" in taken:
+            k += 1
+        sub = self.jobs.submit(build_request(spec, run, submission_id=f"{run}-r{k}"))
+        return {"job_id": sub, "zeroplane_job_id": run, "resume_step": newest.step if newest else None,
+                "storage": storage.uri_of(storage.path("jobs", run))}
+
+    def run_id_of(self, job_id: str) -> str:
+        """The zeroplane job id (run folder) of a Ray submission id: itself, or the job a resume continues."""
+        return self.jobs.info(job_id)["zeroplane_job_id"]
+
     def spec_of(self, job_id: str) -> JobSpec:
         """The resolved spec a job was submitted with (from its runtime environment)."""
         d = self.jobs.client.get_job_info(job_id)
@@ -134,7 +180,7 @@ class Client:
         if info["status"] in TERMINAL:
             try:
                 st = self.storage_of(job_id)
-                path = st.path("jobs", job_id, "zeroplane_result.json")
+                path = st.path("jobs", info["zeroplane_job_id"], "zeroplane_result.json")
                 info["result"] = st.read_json(path) if st.exists(path) else None
             except Exception:
                 info["result"] = None
@@ -181,7 +227,8 @@ class Client:
     def checkpoints(self, job_id: str, storage: Optional[str] = None, include_incomplete: bool = False):
         """Checkpoints of a job (complete only unless asked), oldest first."""
         st = Storage.from_uri(storage) if storage else self.storage_of(job_id)
-        return list_checkpoints(st, job_id, include_incomplete=include_incomplete)
+        run = job_id if storage else self.run_id_of(job_id)
+        return list_checkpoints(st, run, include_incomplete=include_incomplete)
 
     # ------------------------------------------------------------------ promotion and serving
     def serve_client(self):
@@ -193,9 +240,11 @@ class Client:
 
     def promote(self, ref: str, name: str, storage: Optional[str] = None, deploy: bool = True,
                 dtype: str = "float32", overrides: Optional[Dict[str, Any]] = None,
-                progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+                progress: Optional[Callable[[str], None]] = None,
+                canary_percent: Optional[float] = None) -> Dict[str, Any]:
         """Consolidate + verify + register the newest complete checkpoint of job ``ref`` (or
-        ``job@step`` / a checkpoint URI) as ``name:v<N>``, then deploy it with Ray Serve.
+        ``job@step`` / a checkpoint URI) as ``name:v<N>``, then deploy it with Ray Serve (see
+        :meth:`deploy`; ``canary_percent`` deploys it as a canary of the running version).
 
         Returns:
             The version record, plus ``url`` when deployed.
@@ -210,24 +259,129 @@ class Client:
             raise ZeroplaneError(f"promote {ref!r}: give --storage for a checkpoint path")
         else:
             st = self.storage_of(job_id)
+            ref = self.run_id_of(job_id) + ref[len(job_id):]  # a resume submission id -> its job
         rec = promote_checkpoint(st, ref, name, dtype=dtype, progress=progress)
         if deploy:
-            rec["url"] = self.deploy(name, rec["version"], storage=st.uri, overrides=overrides, progress=progress)
+            rec["url"] = self.deploy(name, rec["version"], storage=st.uri, overrides=overrides, progress=progress,
+                                     canary_percent=canary_percent)
         return rec
 
     def deploy(self, name: str, version: Optional[str] = None, storage: Optional[str] = None,
                overrides: Optional[Dict[str, Any]] = None,
-               progress: Optional[Callable[[str], None]] = None) -> str:
-        """Deploy a registered version (newest by default); returns the application URL."""
+               progress: Optional[Callable[[str], None]] = None,
+               canary_percent: Optional[float] = None, timeout_s: float = 600.0) -> str:
+        """Deploy a registered version (newest by default); returns the application URL.
+
+        Deploying to a running application is a zero-downtime in-place update (new replicas start
+        before old ones stop). With ``canary_percent`` the version is deployed as a *canary* next to
+        the stable version that runs now, taking that percent of the requests; deploying a version
+        without ``canary_percent`` ends any split (everything goes to that version).
+
+        Args:
+            name: model (application) name.
+            version: ``"vN"``; default the newest registered version.
+            storage: storage root holding the registry (default :func:`default_storage`).
+            overrides: see :func:`zeroplane.serving.app_config`. For a canary, the running
+                application's autoscaling, actor options and auth are the base.
+            progress: called with one-line progress messages.
+            canary_percent: 0 < p < 100, or None for a plain deploy.
+            timeout_s: seconds to wait for the rollout (default 600).
+
+        Raises:
+            NotFoundError: no such version; or a canary with no running application to split with.
+            SpecError: a bad override or percent.
+            ZeroplaneError: Serve rejected the config or the rollout did not finish in time.
+        """
         from .serving import app_config
 
         st = Storage.from_uri(storage or default_storage())
-        rec = Registry(st).get(name, version)
+        reg = Registry(st)
+        rec = reg.get(name, version)
         sc = self.serve_client()
-        if progress:
-            progress(f"deploying {name}:{rec['version']} to Ray Serve")
-        sc.deploy(app_config(name, rec, st.uri, rec.get("serve_defaults") or {}, overrides), progress=progress)
+        if canary_percent is None:
+            if progress:
+                progress(f"deploying {name}:{rec['version']} to Ray Serve")
+            app = app_config(name, rec, st.uri, rec.get("serve_defaults") or {}, overrides)
+        else:
+            running = sc.applications().get(name) or {}
+            args = (running.get("deployed_app_config") or {}).get("args") or {}
+            if not args.get("version"):
+                raise NotFoundError(f"--canary: model {name} is not being served; deploy a stable version first "
+                                    f"(`zeroplane serve deploy {name}:vN`)")
+            stable = reg.get(name, args["version"])
+            if progress:
+                progress(f"splitting {name}: {stable['version']} {100 - canary_percent:g}% / "
+                         f"{rec['version']} {canary_percent:g}% (canary)")
+            base = _running_overrides(running)
+            merged = {**base, **(overrides or {}),
+                      "autoscaling": {**base.get("autoscaling", {}), **((overrides or {}).get("autoscaling") or {})}}
+            app = app_config(name, stable, st.uri, stable.get("serve_defaults") or {}, merged,
+                             canary=rec, canary_percent=canary_percent)
+        sc.deploy(app, timeout_s=timeout_s, progress=progress)
         return sc.url(name)
+
+    def rollback(self, name: str, storage: Optional[str] = None,
+                 progress: Optional[Callable[[str], None]] = None, timeout_s: float = 600.0) -> Dict[str, Any]:
+        """Undo the last rollout of ``name`` with the same zero-downtime update as :meth:`deploy`.
+
+        A traffic split is ended by dropping the canary (all traffic back to the stable version);
+        otherwise the version registered before the running one (registry order) is deployed, with
+        the running application's autoscaling, actor options and auth.
+
+        Returns:
+            ``{"name", "from", "to", "url"}`` (versions as ``"vN"``; ``from`` names the canary when one was dropped).
+
+        Raises:
+            NotFoundError: the model is not served, or the running version is the oldest registered.
+        """
+        from .serving import app_config
+
+        st = Storage.from_uri(storage or default_storage())
+        reg = Registry(st)
+        sc = self.serve_client()
+        running = sc.applications().get(name) or {}
+        args = (running.get("deployed_app_config") or {}).get("args") or {}
+        if not args.get("version"):
+            raise NotFoundError(f"model {name} is not being served; nothing to roll back "
+                                "(`zeroplane serve status` lists the applications)")
+        current = args["version"]
+        canary = (args.get("canary") or {}).get("version")
+        if canary:
+            target, was = reg.get(name, current), canary
+        else:
+            versions = [r["version"] for r in reg.versions(name)]
+            if current not in versions or versions.index(current) == 0:
+                raise NotFoundError(f"{name}:{current} is the oldest registered version (versions: "
+                                    f"{', '.join(versions)}); there is no earlier version to roll back to")
+            target, was = reg.get(name, versions[versions.index(current) - 1]), current
+        if progress:
+            progress(f"rolling back {name}: {was} -> {target['version']}")
+        app = app_config(name, target, st.uri, target.get("serve_defaults") or {}, _running_overrides(running))
+        sc.deploy(app, timeout_s=timeout_s, progress=progress)
+        return {"name": name, "from": was, "to": target["version"], "url": sc.url(name)}
+
+    def serve_status(self, with_requests: bool = True) -> List[Dict[str, Any]]:
+        """Serving applications: versions, weights, replicas and request counts (see ServeClient.status)."""
+        return self.serve_client().status(with_requests=with_requests)
+
+
+def _running_overrides(app_details: Dict[str, Any]) -> Dict[str, Any]:
+    """Overrides that keep a running application's autoscaling, actor options, auth and batch size."""
+    from .serving import DEPLOYMENT
+
+    cfg = app_details.get("deployed_app_config") or {}
+    args = cfg.get("args") or {}
+    dep = next((d for d in cfg.get("deployments") or [] if d.get("name") == DEPLOYMENT), {})
+    out: Dict[str, Any] = {}
+    if dep.get("autoscaling_config"):
+        out["autoscaling"] = dict(dep["autoscaling_config"])
+    if dep.get("ray_actor_options"):
+        out["ray_actor_options"] = dict(dep["ray_actor_options"])
+    if "auth" in args:
+        out["auth"] = args["auth"]
+    if "max_batch_size" in args:
+        out["max_batch_size"] = args["max_batch_size"]
+    return out
 
 
 def preflight_storage(storage: Storage) -> None:

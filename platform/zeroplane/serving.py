@@ -3,7 +3,13 @@
 Each model is one Serve application named after the model, at route prefix ``/<name>``, built by
 ``zeroplane.runtime.serve.app:build_app``. Deploying sends the full set of applications (Serve's
 ``PUT /api/serve/applications/`` replaces the set), so the other applications' configs are carried
-over unchanged. Re-deploying an application with a new version is a Serve rolling update.
+over unchanged.
+
+Re-deploying an application with a new version is a Serve in-place update: the ``ModelServer``
+deployment's code version changes, and with ``max_surge_percent: 100`` Serve starts each new replica
+before it stops an old one (old replicas drain their in-flight requests), so no request is dropped.
+A traffic split adds the deployment ``ModelServerCanary`` (the canary version) to the same application;
+the ``ModelServer`` ingress sends it ``weight_percent`` % of requests (see the app's module docstring).
 """
 
 from __future__ import annotations
@@ -15,44 +21,88 @@ from .errors import NotFoundError, ZeroplaneError
 
 IMPORT_PATH = "zeroplane.runtime.serve.app:build_app"
 DEPLOYMENT = "ModelServer"
+CANARY_DEPLOYMENT = "ModelServerCanary"
+#: Extra replicas (percent of the target) Serve may start during a rollout: new before old stops.
+MAX_SURGE_PERCENT = 100
 
 
 def app_config(name: str, version: Dict[str, Any], storage_uri: str, serve_defaults: Dict[str, Any],
-               overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The Serve application config for one model version.
+               overrides: Optional[Dict[str, Any]] = None, canary: Optional[Dict[str, Any]] = None,
+               canary_percent: Optional[float] = None) -> Dict[str, Any]:
+    """The Serve application config for one model version, optionally split with a canary version.
 
     Args:
         name: model (and application) name.
-        version: registry record (``version``, ``uri``).
+        version: registry record (``version``, ``uri``) of the stable version.
         storage_uri: storage root (API keys live there).
         serve_defaults: the job spec's ``serve`` section (``ServeSpec`` as dict).
-        overrides: ``autoscaling`` keys, ``auth``, ``ray_actor_options`` given on the command line.
+        overrides: ``autoscaling`` keys (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
+            ``upscale_delay_s``, ``downscale_delay_s``), ``auth``, ``ray_actor_options`` given on the
+            command line; they win over ``serve_defaults``.
+        canary: registry record of the canary version, or None for no split.
+        canary_percent: percent of requests for ``canary``, 0 < p < 100 (required with ``canary``).
+
+    Returns:
+        One entry of a Serve config's ``applications`` list.
+
+    Raises:
+        SpecError: a bad override or canary percent (names the value and the range).
     """
-    from .spec.model import ServeSpec
+    from .errors import SpecError
+    from .spec.model import AutoscalingSpec, ServeSpec
 
     s = ServeSpec.model_validate(serve_defaults or {}).model_dump()
     o = overrides or {}
     autoscaling = {**s["autoscaling"], **(o.get("autoscaling") or {})}
+    try:
+        autoscaling = AutoscalingSpec.model_validate(autoscaling).model_dump()
+    except Exception as e:
+        msg = str(e).splitlines()
+        raise SpecError(f"autoscaling {autoscaling}: {msg[-1].strip() if msg else e}") from None
+    deployment = {
+        "autoscaling_config": autoscaling,
+        "ray_actor_options": {**s["ray_actor_options"], **(o.get("ray_actor_options") or {})},
+        "max_surge_percent": MAX_SURGE_PERCENT,
+    }
+    args: Dict[str, Any] = {
+        "model_name": name,
+        "version": version["version"],
+        "model_uri": version["uri"],
+        "storage_path": storage_uri,
+        "auth": o.get("auth", s["auth"]),
+        "max_tokens_cap": s["max_tokens_cap"],
+        "max_batch_size": o.get("max_batch_size", s["max_batch_size"]),
+        "batch_wait_timeout_s": s["batch_wait_timeout_s"],
+    }
+    deployments = [{"name": DEPLOYMENT, **deployment}]
+    if canary is not None:
+        if canary_percent is None or not 0 < canary_percent < 100:
+            raise SpecError(f"--canary {canary_percent}: give a percent between 0 and 100 (exclusive), e.g. --canary 10")
+        if canary["version"] == version["version"]:
+            raise SpecError(f"--canary: the canary {name}:{canary['version']} is already the stable version; "
+                            "deploy another version as the canary")
+        args["canary"] = {"version": canary["version"], "model_uri": canary["uri"], "weight_percent": canary_percent}
+        deployments.append({"name": CANARY_DEPLOYMENT, **deployment})
     return {
         "name": name,
         "route_prefix": f"/{name}",
         "import_path": IMPORT_PATH,
-        "args": {
-            "model_name": name,
-            "version": version["version"],
-            "model_uri": version["uri"],
-            "storage_path": storage_uri,
-            "auth": o.get("auth", s["auth"]),
-            "max_tokens_cap": s["max_tokens_cap"],
-            "max_batch_size": s["max_batch_size"],
-            "batch_wait_timeout_s": s["batch_wait_timeout_s"],
-        },
-        "deployments": [{
-            "name": DEPLOYMENT,
-            "autoscaling_config": autoscaling,
-            "ray_actor_options": {**s["ray_actor_options"], **(o.get("ray_actor_options") or {})},
-        }],
+        "args": args,
+        "deployments": deployments,
     }
+
+
+def split_of(app_details: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """``[{"version", "weight_percent", "deployment"}]`` of a running application (stable first)."""
+    args = (app_details.get("deployed_app_config") or {}).get("args") or {}
+    canary = args.get("canary") or None
+    if not args.get("version"):
+        return []
+    if canary is None:
+        return [{"version": args["version"], "weight_percent": 100.0, "deployment": DEPLOYMENT}]
+    w = float(canary["weight_percent"])
+    return [{"version": args["version"], "weight_percent": 100.0 - w, "deployment": DEPLOYMENT},
+            {"version": canary["version"], "weight_percent": w, "deployment": CANARY_DEPLOYMENT}]
 
 
 class ServeClient:
@@ -100,18 +150,28 @@ class ServeClient:
             self.client.deploy_applications(config)
         except Exception as e:
             raise ZeroplaneError(f"Serve rejected the deployment of {app['name']}: {str(e).splitlines()[0]}") from None
-        return self.wait_running(app["name"], app["args"]["version"], timeout_s, progress)
+        canary = (app["args"].get("canary") or {}).get("version")
+        return self.wait_running(app["name"], app["args"]["version"], timeout_s, progress, canary_version=canary)
 
     def wait_running(self, name: str, version: str, timeout_s: float,
-                     progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-        """Wait until application ``name`` runs ``version``; returns its details."""
+                     progress: Optional[Callable[[str], None]] = None,
+                     canary_version: Optional[str] = None) -> Dict[str, Any]:
+        """Wait until application ``name`` runs ``version`` (and ``canary_version``) with every deployment
+        HEALTHY, i.e. the rollout is complete; returns its details.
+
+        Raises:
+            ZeroplaneError: the application failed (DEPLOY_FAILED/UNHEALTHY) or ``timeout_s`` seconds passed.
+        """
         deadline = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < deadline:
             d = self.applications().get(name) or {}
             status = d.get("status", "NOT_STARTED")
-            running_version = ((d.get("deployed_app_config") or {}).get("args") or {}).get("version")
-            if status == "RUNNING" and running_version == version:
+            args = (d.get("deployed_app_config") or {}).get("args") or {}
+            deps = d.get("deployments") or {}
+            healthy = bool(deps) and all(x.get("status") == "HEALTHY" for x in deps.values())
+            if (status == "RUNNING" and healthy and args.get("version") == version
+                    and (args.get("canary") or {}).get("version") == canary_version):
                 return d
             if status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 raise ZeroplaneError(f"Serve application {name} is {status}: {_message(d)}")
@@ -120,6 +180,68 @@ class ServeClient:
                 last = status
             time.sleep(1.0)
         raise ZeroplaneError(f"Serve application {name} not RUNNING after {timeout_s:.0f}s: {_message(self.applications().get(name) or {})}")
+
+    def status(self, with_requests: bool = True) -> List[Dict[str, Any]]:
+        """One row per zeroplane application: versions with weights, replicas and request counts.
+
+        Args:
+            with_requests: also read request counts from Ray's metrics export (each node's metrics agent;
+                counts lag the traffic by Ray's metrics report period, about 10 s).
+
+        Returns:
+            ``[{"name", "status", "url", "versions": [{"version", "weight_percent", "deployment",
+            "status", "replicas": {state: count}, "running_replicas", "autoscaling", "requests",
+            "errors"}]}]``; ``requests``/``errors`` are None when the metrics export cannot be read.
+        """
+        apps = self.applications()
+        counts = self.request_counts() if with_requests else None
+        rows = []
+        for name, d in apps.items():
+            deps = d.get("deployments") or {}
+            versions = []
+            for v in split_of(d):
+                dep = deps.get(v["deployment"]) or {}
+                states: Dict[str, int] = {}
+                for r in dep.get("replicas") or []:
+                    states[r.get("state", "?")] = states.get(r.get("state", "?"), 0) + 1
+                cfg = dep.get("deployment_config") or {}
+                key = (name, v["version"])
+                versions.append({**v, "status": dep.get("status"), "replicas": states,
+                                 "running_replicas": states.get("RUNNING", 0),
+                                 "autoscaling": cfg.get("autoscaling_config"),
+                                 "requests": None if counts is None else counts.get(key, {}).get("requests", 0),
+                                 "errors": None if counts is None else counts.get(key, {}).get("errors", 0)})
+            rows.append({"name": name, "status": d.get("status"), "url": self.url(name),
+                         "route_prefix": d.get("route_prefix"), "versions": versions})
+        return rows
+
+    def request_counts(self) -> Optional[Dict[Any, Dict[str, float]]]:
+        """``{(model, version): {"requests", "errors"}}`` summed over every replica, from the Prometheus
+        endpoint of each alive node's metrics agent (found through the dashboard); None if unreadable."""
+        import requests
+
+        from .cluster import auth_headers
+
+        try:
+            r = requests.get(f"{self.dashboard_url}/nodes?view=summary", headers=auth_headers(), timeout=10)
+            r.raise_for_status()
+            endpoints = _metrics_endpoints(r.json())
+        except Exception:
+            return None
+        if not endpoints:
+            return None
+        totals: Dict[Any, Dict[str, float]] = {}
+        read_any = False
+        for url in endpoints:
+            try:
+                text = requests.get(url, timeout=10).text
+            except Exception:
+                continue
+            read_any = True
+            for (model, version), kind, value in _zeroplane_samples(text):
+                slot = totals.setdefault((model, version), {"requests": 0, "errors": 0})
+                slot[kind] += value
+        return totals if read_any else None
 
     def delete(self, name: str) -> None:
         """Remove one application (the others keep running).
@@ -150,3 +272,42 @@ def _message(d: Dict[str, Any]) -> str:
             msgs.append(dep["message"])
     text = " | ".join(m for m in msgs if m)
     return text[:2000] or "(no message)"
+
+
+def _metrics_endpoints(summary: Any) -> List[str]:
+    """``http://ip:port/metrics`` of every alive node's metrics agent in a dashboard node summary."""
+    out: List[str] = []
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, dict):
+            port = obj.get("metricsExportPort") or obj.get("metrics_export_port")
+            ip = obj.get("nodeManagerAddress") or obj.get("node_manager_address") or obj.get("ip")
+            alive = obj.get("state", "ALIVE") == "ALIVE"
+            if port and ip and alive:
+                out.append(f"http://{ip}:{int(port)}/metrics")
+                return
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(summary)
+    return sorted(set(out))
+
+
+def _zeroplane_samples(text: str):
+    """``((model, version), "requests"|"errors", value)`` for zeroplane's request counters in Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("zeroplane_requests_total"):
+                kind = "requests"
+            elif sample.name.endswith("zeroplane_request_errors_total"):
+                kind = "errors"
+            else:
+                continue
+            labels = sample.labels
+            if "model" in labels and "version" in labels:
+                yield (labels["model"], labels["version"]), kind, sample.value

@@ -238,6 +238,37 @@ def _follow(zp, job_id: str, max_steps: int) -> str:
     return status
 
 
+@train.command("resume")
+@click.argument("job_id")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field of the job's original spec, e.g. train.max_steps=600.")
+@click.option("--wait", is_flag=True, help="Follow progress until the job ends; exit 0 on success, 1 otherwise.")
+@ADDRESS
+@OUTPUT
+def train_resume(job_id, overrides, wait, address, output) -> None:
+    """Continue the ended job JOB_ID from its newest complete checkpoint.
+
+    Submits a new Ray Job JOB_ID-r<k> with the job's original spec (train.stop_after_steps cleared,
+    then --set applied) that runs under the same job id: same run folder, same checkpoints.
+    """
+    zp = _client(address)
+    res = zp.resume(job_id, list(overrides))
+    sub = res["job_id"]
+    if output == "json" and not wait:
+        return _json(res)
+    start = f"step {res['resume_step']}" if res["resume_step"] is not None else "step 0 (no complete checkpoint yet)"
+    _err(f"submitted {sub}: resumes job {res['zeroplane_job_id']} from {start}; checkpoints in {res['storage']}")
+    if wait:
+        status = _follow(zp, sub, zp.spec_of(sub).train.max_steps)
+        if output == "json":
+            _json(zp.status(sub))
+        if status != "SUCCEEDED":
+            raise ZeroplaneError(f"job {sub} {status}: {zp.jobs.info(sub).get('message') or ''} "
+                                 f"(`zeroplane train logs {sub}`)")
+    else:
+        click.echo(sub)
+
+
 @train.command("status")
 @click.argument("job_id")
 @ADDRESS
@@ -280,15 +311,18 @@ def train_list(address, output) -> None:
     if output == "json":
         return _json(jobs)
     fmt = lambda ms: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else ""  # noqa: E731
-    _table(None, ["job", "status", "started", "ended"], [[j["job_id"], j["status"], fmt(j["start_time"]), fmt(j["end_time"])] for j in jobs])
+    _table(None, ["job", "resumes job", "status", "started", "ended"],
+           [[j["job_id"], j["zeroplane_job_id"] if j["zeroplane_job_id"] != j["job_id"] else "", j["status"],
+             fmt(j["start_time"]), fmt(j["end_time"])] for j in jobs])
 
 
 @train.command("stop")
 @click.argument("job_id")
-@click.option("--wait-s", type=float, default=120.0, show_default=True, help="How long to wait for the job to end.")
+@click.option("--wait-s", type=float, default=120.0, show_default=True,
+              help="How long to wait for the driver and every worker of the job to be gone.")
 @ADDRESS
 def train_stop(job_id, wait_s, address) -> None:
-    """Stop a job and wait until it has ended."""
+    """Stop a job; answers once its driver and all its Ray Train actors are gone."""
     st = _client(address).jobs.stop(job_id, wait_s=wait_s)
     click.echo(f"{job_id}: {st}")
 
@@ -325,6 +359,24 @@ def checkpoints_list(job_id, storage, include_incomplete, address, output) -> No
 
 
 # ---------------------------------------------------------------- promote / models
+CANARY = click.option(
+    "--canary", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=None, metavar="PERCENT",
+    help="Deploy as a canary next to the running version, taking PERCENT % of the requests "
+         "(end it with `serve deploy NAME:vN` or `serve rollback NAME`).")
+
+
+def _autoscaling_overrides(min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s,
+                           downscale_delay_s) -> Dict[str, Any]:
+    """``{"autoscaling": {...}}`` from the flags that were given (SpecError for a negative value)."""
+    given = {"min_replicas": min_replicas, "max_replicas": max_replicas,
+             "target_ongoing_requests": target_ongoing_requests, "upscale_delay_s": upscale_delay_s,
+             "downscale_delay_s": downscale_delay_s}
+    for k, v in given.items():
+        if v is not None and v < 0:
+            raise SpecError(f"--{k.replace('_', '-')} {v}: must be >= 0")
+    return {"autoscaling": {k: v for k, v in given.items() if v is not None}}
+
+
 @main.command("promote")
 @click.argument("ref")
 @click.option("--name", required=True, help="Model name for the registry ([a-z0-9-]).")
@@ -334,20 +386,23 @@ def checkpoints_list(job_id, storage, include_incomplete, address, output) -> No
 @click.option("--min-replicas", type=int, default=None, help="Override serve.autoscaling.min_replicas.")
 @click.option("--max-replicas", type=int, default=None, help="Override serve.autoscaling.max_replicas.")
 @click.option("--target-ongoing-requests", type=float, default=None, help="Override serve.autoscaling.target_ongoing_requests.")
+@click.option("--upscale-delay-s", type=float, default=None, help="Override serve.autoscaling.upscale_delay_s (seconds).")
+@click.option("--downscale-delay-s", type=float, default=None, help="Override serve.autoscaling.downscale_delay_s (seconds).")
+@CANARY
 @click.option("--no-auth", is_flag=True, help="Serve WITHOUT API keys (local experiments only).")
 @click.option("--dry-run", is_flag=True, help="Show the checkpoint that would be promoted and the Serve config; change nothing.")
 @ADDRESS
 @OUTPUT
 def promote_cmd(ref, name, storage, dtype, no_deploy, min_replicas, max_replicas, target_ongoing_requests,
-                no_auth, dry_run, address, output) -> None:
+                upscale_delay_s, downscale_delay_s, canary, no_auth, dry_run, address, output) -> None:
     """Consolidate the newest complete checkpoint of REF (a job id, JOB@STEP or a checkpoint path),
-    verify it, register it as NAME:v<N> and deploy it with Ray Serve."""
+    verify it, register it as NAME:v<N> and deploy it with Ray Serve (in place, without dropping requests,
+    when NAME is already served; as a canary taking PERCENT % of the traffic with --canary)."""
     from ..registry import check_model_name
 
     check_model_name(name)
-    overrides: Dict[str, Any] = {"autoscaling": {k: v for k, v in {
-        "min_replicas": min_replicas, "max_replicas": max_replicas,
-        "target_ongoing_requests": target_ongoing_requests}.items() if v is not None}}
+    overrides = _autoscaling_overrides(min_replicas, max_replicas, target_ongoing_requests,
+                                       upscale_delay_s, downscale_delay_s)
     if no_auth:
         overrides["auth"] = False
         _err("WARNING: --no-auth: the endpoint will answer anyone who can reach it")
@@ -369,7 +424,7 @@ def promote_cmd(ref, name, storage, dtype, no_deploy, min_replicas, max_replicas
     console = _console(stderr=True)
     with console.status("promoting") as status:
         rec = zp.promote(ref, name, storage=storage, deploy=not no_deploy, dtype=dtype, overrides=overrides,
-                         progress=lambda m: (status.update(m), console.print(f"  {m}")))
+                         progress=lambda m: (status.update(m), console.print(f"  {m}")), canary_percent=canary)
     if output == "json":
         return _json(rec)
     v = rec["verification"]
@@ -413,40 +468,74 @@ def serve() -> None:
 
 
 @serve.command("status")
+@click.option("--no-requests", is_flag=True, help="Skip the request counts (read from Ray's metrics export).")
 @ADDRESS
 @OUTPUT
-def serve_status(address, output) -> None:
-    """Applications, their versions, status and replicas."""
-    sc = _client(address).serve_client()
-    apps = sc.applications()
-    rows = []
-    for name, d in apps.items():
-        args = (d.get("deployed_app_config") or {}).get("args") or {}
-        deps = d.get("deployments") or {}
-        replicas = sum(len(x.get("replicas") or []) for x in deps.values())
-        rows.append({"name": name, "version": args.get("version"), "status": d.get("status"),
-                     "replicas": replicas, "route_prefix": d.get("route_prefix"), "url": sc.url(name)})
+def serve_status(no_requests, address, output) -> None:
+    """Applications: versions and traffic weights, replicas, requests and errors per version."""
+    rows = _client(address).serve_status(with_requests=not no_requests)
     if output == "json":
         return _json(rows)
-    _table(None, ["app", "version", "status", "replicas", "url"],
-           [[r["name"], r["version"], r["status"], r["replicas"], r["url"]] for r in rows])
+    if not rows:
+        click.echo("no Serve applications; deploy one with `zeroplane promote` or `zeroplane serve deploy`")
+        return
+    table = []
+    for r in rows:
+        for v in r["versions"] or [{}]:
+            reps = v.get("replicas") or {}
+            auto = v.get("autoscaling") or {}
+            table.append([r["name"], v.get("version"), f"{v.get('weight_percent', 0):g}%", r["status"],
+                          ", ".join(f"{n} {st.lower()}" for st, n in sorted(reps.items())) or "0",
+                          f"{auto.get('min_replicas', '-')}..{auto.get('max_replicas', '-')}" if auto else "-",
+                          "-" if v.get("requests") is None else int(v["requests"]),
+                          "-" if v.get("errors") is None else int(v["errors"]), r["url"]])
+    _table(None, ["app", "version", "weight", "status", "replicas", "min..max", "requests", "errors", "url"], table)
 
 
 @serve.command("deploy")
 @click.argument("ref")
 @click.option("--storage", default=None, help="Storage root (default: $ZEROPLANE_STORAGE or ~/.zeroplane/storage).")
+@CANARY
+@click.option("--min-replicas", type=int, default=None, help="Override serve.autoscaling.min_replicas.")
+@click.option("--max-replicas", type=int, default=None, help="Override serve.autoscaling.max_replicas.")
+@click.option("--target-ongoing-requests", type=float, default=None, help="Override serve.autoscaling.target_ongoing_requests.")
+@click.option("--upscale-delay-s", type=float, default=None, help="Override serve.autoscaling.upscale_delay_s (seconds).")
+@click.option("--downscale-delay-s", type=float, default=None, help="Override serve.autoscaling.downscale_delay_s (seconds).")
 @click.option("--no-auth", is_flag=True, help="Serve WITHOUT API keys (local experiments only).")
 @ADDRESS
-def serve_deploy(ref, storage, no_auth, address) -> None:
-    """Deploy a registered version NAME[:vN] (newest by default); also how to roll back."""
+def serve_deploy(ref, storage, canary, min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s,
+                 downscale_delay_s, no_auth, address) -> None:
+    """Deploy a registered version NAME[:vN] (newest by default). A running application is updated in
+    place without dropping requests; --canary PERCENT splits the traffic with the running version instead."""
     from ..registry import parse_ref
 
     name, version = parse_ref(ref)
+    overrides = _autoscaling_overrides(min_replicas, max_replicas, target_ongoing_requests,
+                                       upscale_delay_s, downscale_delay_s)
     if no_auth:
+        overrides["auth"] = False
         _err("WARNING: --no-auth: the endpoint will answer anyone who can reach it")
-    url = _client(address).deploy(name, version, storage=storage, overrides={"auth": False} if no_auth else None,
-                                  progress=lambda m: _err(f"  {m}"))
-    click.echo(f"serving {ref} at {url}/v1/completions")
+    url = _client(address).deploy(name, version, storage=storage, overrides=overrides,
+                                  progress=lambda m: _err(f"  {m}"), canary_percent=canary)
+    what = f"{ref} as a {canary:g}% canary" if canary is not None else ref
+    click.echo(f"serving {what} at {url}/v1/completions")
+
+
+@serve.command("rollback")
+@click.argument("name")
+@click.option("--storage", default=None, help="Storage root (default: $ZEROPLANE_STORAGE or ~/.zeroplane/storage).")
+@ADDRESS
+@OUTPUT
+def serve_rollback(name, storage, address, output) -> None:
+    """Undo the last rollout of NAME: drop a canary, else deploy the version registered before the
+    running one (in place, without dropping requests)."""
+    from ..registry import check_model_name
+
+    check_model_name(name)
+    res = _client(address).rollback(name, storage=storage, progress=lambda m: _err(f"  {m}"))
+    if output == "json":
+        return _json(res)
+    click.echo(f"rolled back {name}: {res['from']} -> {res['to']} at {res['url']}")
 
 
 @serve.command("delete")

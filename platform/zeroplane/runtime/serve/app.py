@@ -598,10 +598,12 @@ class _StreamState:
 # --------------------------------------------------------------------------------------------------
 
 
-@serve.deployment(name="ModelServer")
-@serve.ingress(_api)
-class ModelServer:
+class _ModelCore:
     """One replica serving one model version (CPU float32, or the replica's GPU when it has one).
+
+    The model work, validation and metrics; :class:`ModelServer` adds the HTTP routes (the ingress),
+    :class:`ModelServerCanary` is the same without routes (one FastAPI ingress per application), reached
+    through :meth:`handle_api` / :meth:`stream_api`.
 
     Args:
         args: the validated :class:`ServeAppArgs` as a dict (see :func:`build_app`).
@@ -720,50 +722,6 @@ class ModelServer:
             )
         if not serve_keys.verify_key(await self._key_records(), token):
             raise APIError(401, "invalid or revoked API key", code="invalid_api_key", headers=challenge)
-
-    # ---------------------------------------------------------------------------------- routes
-
-    @_api.get("/healthz")
-    async def healthz(self) -> dict:
-        """Liveness; no key needed. Returns ``{"status": "ok", "model": "<name>:<version>"}``."""
-        return {"status": "ok", "model": self._served_id}
-
-    @_api.get("/v1/models")
-    async def list_models(self, request: Request) -> dict:
-        """OpenAI-style model list: this version, plus the canary version and both weights in a split."""
-        await self._authorize(request)
-        entry = {
-            "id": self._served_id,
-            "object": "model",
-            "created": self._created,
-            "owned_by": "zeroplane",
-            "root": self._name,
-            "version": self._args.version,
-            "context_length": self._context,
-            "max_tokens_cap": self._args.max_tokens_cap,
-        }
-        data = [entry]
-        if self._canary_id is not None:
-            entry["weight_percent"] = 100.0 - self._canary_weight
-            data.append({**entry, "id": self._canary_id, "version": self._args.canary.version,
-                         "weight_percent": self._canary_weight})
-        return {"object": "list", "data": data}
-
-    @_api.get("/metrics")
-    async def metrics(self, request: Request) -> PlainTextResponse:
-        """This replica's request metrics in Prometheus text format (see :class:`_Metrics`)."""
-        await self._authorize(request)
-        return PlainTextResponse(self._metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @_api.post("/v1/completions")
-    async def completions(self, request: Request):
-        """OpenAI-style text completion; see :class:`CompletionRequest` for the body."""
-        return await self._dispatch("completions", request)
-
-    @_api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        """OpenAI-style chat completion; see :class:`ChatCompletionRequest` for the body."""
-        return await self._dispatch("chat", request)
 
     # ---------------------------------------------------------------------------------- handle entry points
 
@@ -1169,6 +1127,62 @@ class ModelServer:
         return token
 
 
+@serve.deployment(name="ModelServer")
+@serve.ingress(_api)
+class ModelServer(_ModelCore):
+    """The HTTP ingress of an application: :class:`_ModelCore` plus the OpenAI-style routes."""
+
+    # ---------------------------------------------------------------------------------- routes
+
+    @_api.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness; no key needed. Returns ``{"status": "ok", "model": "<name>:<version>"}``."""
+        return {"status": "ok", "model": self._served_id}
+
+    @_api.get("/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        """OpenAI-style model list: this version, plus the canary version and both weights in a split."""
+        await self._authorize(request)
+        entry = {
+            "id": self._served_id,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "zeroplane",
+            "root": self._name,
+            "version": self._args.version,
+            "context_length": self._context,
+            "max_tokens_cap": self._args.max_tokens_cap,
+        }
+        data = [entry]
+        if self._canary_id is not None:
+            entry["weight_percent"] = 100.0 - self._canary_weight
+            data.append({**entry, "id": self._canary_id, "version": self._args.canary.version,
+                         "weight_percent": self._canary_weight})
+        return {"object": "list", "data": data}
+
+    @_api.get("/metrics")
+    async def metrics(self, request: Request) -> PlainTextResponse:
+        """This replica's request metrics in Prometheus text format (see :class:`_Metrics`)."""
+        await self._authorize(request)
+        return PlainTextResponse(self._metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @_api.post("/v1/completions")
+    async def completions(self, request: Request):
+        """OpenAI-style text completion; see :class:`CompletionRequest` for the body."""
+        return await self._dispatch("completions", request)
+
+    @_api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        """OpenAI-style chat completion; see :class:`ChatCompletionRequest` for the body."""
+        return await self._dispatch("chat", request)
+
+
+
+@serve.deployment(name=CANARY_DEPLOYMENT)
+class ModelServerCanary(_ModelCore):
+    """The canary version of a traffic split (no HTTP routes: the ingress forwards through a handle)."""
+
+
 def build_app(args: dict) -> serve.Application:
     """Serve application builder for one model version (``zeroplane.runtime.serve.app:build_app``).
 
@@ -1198,5 +1212,5 @@ def build_app(args: dict) -> serve.Application:
         canary_args = cfg.model_copy(update={
             "version": cfg.canary.version, "model_uri": cfg.canary.model_uri, "canary": None,
         }).model_dump()
-        canary = ModelServer.options(name=CANARY_DEPLOYMENT, max_ongoing_requests=ongoing).bind(canary_args)
+        canary = ModelServerCanary.options(max_ongoing_requests=ongoing).bind(canary_args)
     return ModelServer.options(max_ongoing_requests=ongoing).bind(cfg.model_dump(), canary)

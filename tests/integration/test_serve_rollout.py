@@ -1,0 +1,152 @@
+"""Rollout, rollback and canary through the control plane (zeroplane.sdk.Client) against a real local Ray
+head started with zeroplane.cluster.start_local_head: two registered tiny GPT-2 versions, real HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import Counter
+
+import pytest
+import requests
+import torch
+
+pytestmark = pytest.mark.integration
+
+CORPUS = ["the quick brown fox jumps over the lazy dog.", "ray serve answers requests in batches."] * 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_version(path, seed: int) -> str:
+    """A 2-layer GPT-2 + trained BPE tokenizer saved as a Hugging Face folder (weights differ by seed)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[tok.eos_token_id].zero_()  # eos never wins greedily
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+SMALL = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.25}}
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A zeroplane local head (own ZEROPLANE_HOME and Ray token file), a registry with tiny:v1 and tiny:v2."""
+    from zeroplane import cluster, serve_keys
+    from zeroplane.registry import Registry
+    from zeroplane.sdk import Client
+    from zeroplane.storage import Storage
+
+    tmp = tmp_path_factory.mktemp("rollout")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZEROPLANE_HOME", str(tmp / "home"))
+    mp.setenv("RAY_AUTH_TOKEN_PATH", str(tmp / "ray-auth-token"))
+    for var in ("RAY_ADDRESS", "ZEROPLANE_SERVE_PORT", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        mp.setenv(var, "x")
+        mp.delenv(var)
+    storage = str(tmp / "storage")
+    reg = Registry(Storage.from_uri(storage))
+    for seed in (1, 2):
+        reg.register("tiny", _tiny_version(tmp / f"model-{seed}", seed), {"source": {"job_id": "test", "step": seed}})
+    key, _ = serve_keys.create_key(storage, name="test")
+    try:
+        cluster.start_local_head(num_cpus=4, dashboard_port=_free_port(), serve_http_port=_free_port(), timeout_s=180)
+        zp = Client()
+        yield zp, storage, key
+    finally:
+        try:
+            cluster.stop_local_head()
+        finally:
+            mp.undo()
+            cluster._refresh_ray_auth_cache()
+
+
+def _ask(url: str, key: str, body=None, headers=None) -> requests.Response:
+    body = body or {"prompt": "the quick", "max_tokens": 2, "temperature": 0}
+    return requests.post(f"{url}/v1/completions", json=body, timeout=120,
+                         headers={"Authorization": f"Bearer {key}", **(headers or {})})
+
+
+def test_rollout_and_rollback_drop_no_request(head):
+    zp, storage, key = head
+    url = zp.deploy("tiny", "v1", storage=storage, overrides=SMALL)
+    assert _ask(url, key).json()["model"] == "tiny:v1"
+
+    results: list = []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                r = _ask(url, key)
+                results.append((sent, r.status_code, r.json().get("model")))
+            except Exception as e:  # a dropped connection is a failed request
+                results.append((sent, repr(e), None))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        zp.deploy("tiny", "v2", storage=storage, overrides=SMALL)
+        done = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        thread.join(timeout=180)
+    assert results and all(status == 200 for _, status, _ in results), [r for r in results if r[1] != 200][:5]
+    after = [model for sent, _, model in results if sent > done]
+    assert after and set(after) == {"tiny:v2"}
+    assert {"tiny:v1", "tiny:v2"} <= {model for _, _, model in results}
+
+    back = zp.rollback("tiny", storage=storage)
+    assert (back["from"], back["to"]) == ("v2", "v1")
+    assert {_ask(url, key).json()["model"] for _ in range(3)} == {"tiny:v1"}
+    with pytest.raises(Exception, match="oldest"):
+        zp.rollback("tiny", storage=storage)
+
+
+def test_canary_splits_traffic_and_status_reports_it(head):
+    zp, storage, key = head
+    url = zp.deploy("tiny", "v1", storage=storage, overrides=SMALL)
+    zp.deploy("tiny", "v2", storage=storage, canary_percent=50)
+    answered = Counter(_ask(url, key).json()["model"] for _ in range(40))
+    assert set(answered) == {"tiny:v1", "tiny:v2"} and min(answered.values()) >= 5, answered
+    # the same X-Request-Id always lands on the same version; a pinned model version is honoured
+    assert len({_ask(url, key, headers={"X-Request-Id": "abc"}).json()["model"] for _ in range(4)}) == 1
+    pinned = {"prompt": "the", "max_tokens": 1, "model": "tiny:v2"}
+    assert {_ask(url, key, body=pinned).json()["model"] for _ in range(4)} == {"tiny:v2"}
+    models = requests.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=60).json()
+    assert {(m["id"], m["weight_percent"]) for m in models["data"]} == {("tiny:v1", 50.0), ("tiny:v2", 50.0)}
+
+    deadline = time.monotonic() + 90  # Ray's metrics agent exports every few seconds
+    while True:
+        (row,) = [r for r in zp.serve_status() if r["name"] == "tiny"]
+        by_version = {v["version"]: v for v in row["versions"]}
+        if all((by_version[v]["requests"] or 0) >= answered[f"tiny:{v}"] for v in ("v1", "v2")):
+            break
+        assert time.monotonic() < deadline, row
+        time.sleep(2)
+    assert [(v["version"], v["weight_percent"]) for v in row["versions"]] == [("v1", 50.0), ("v2", 50.0)]
+    assert all(v["running_replicas"] == 1 for v in row["versions"])
+
+    back = zp.rollback("tiny", storage=storage)  # ends the split
+    assert (back["from"], back["to"]) == ("v2", "v1")
+    assert {_ask(url, key).json()["model"] for _ in range(6)} == {"tiny:v1"}
