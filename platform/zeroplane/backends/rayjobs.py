@@ -1,7 +1,9 @@
 """Run training jobs through the Ray Jobs API (``ray.job_submission.JobSubmissionClient``).
 
 A zeroplane job is one Ray Job whose ``submission_id`` is the zeroplane job id; its entrypoint runs
-:mod:`zeroplane.runtime.train.driver`. The resolved spec travels in the runtime environment
+:mod:`zeroplane.runtime.train.driver`. A resumed job (``zeroplane train resume``) is a further Ray Job
+``<job_id>-r<k>`` that runs under the original job id (``ZEROPLANE_JOB_ID``, metadata
+``zeroplane_job_id``): same run folder, same checkpoints. The resolved spec travels in the runtime environment
 (``ZEROPLANE_SPEC_JSON``) and the zeroplane package itself as a ``py_modules`` upload, so the cluster
 runs exactly the code that submitted the job.
 """
@@ -32,8 +34,13 @@ def new_job_id(name: str) -> str:
     return f"{name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def build_request(spec: JobSpec, job_id: str) -> Dict[str, Any]:
+def build_request(spec: JobSpec, job_id: str, submission_id: Optional[str] = None) -> Dict[str, Any]:
     """The exact ``submit_job`` keyword arguments for ``spec`` (shown by ``--dry-run``).
+
+    Args:
+        spec: the resolved job spec.
+        job_id: the zeroplane job id (run folder ``jobs/<job_id>`` in storage).
+        submission_id: the Ray Job id; default ``job_id`` (a resume passes ``<job_id>-r<k>``).
 
     Secret environment values are included here but masked by :func:`redact` for display.
     """
@@ -43,14 +50,54 @@ def build_request(spec: JobSpec, job_id: str) -> Dict[str, Any]:
     env.update({k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k)})
     return {
         "entrypoint": ENTRYPOINT,
-        "submission_id": job_id,
+        "submission_id": submission_id or job_id,
         "runtime_env": {
             "py_modules": [str(pkg)],
-            "excludes": ["__pycache__", "*.pyc"],
+            "excludes": list(UPLOAD_EXCLUDES),
             "env_vars": env,
         },
-        "metadata": {"zeroplane": "train", "zeroplane_name": spec.name},
+        "metadata": {"zeroplane": "train", "zeroplane_name": spec.name,
+                     **({"zeroplane_job_id": job_id} if submission_id and submission_id != job_id else {})},
     }
+
+
+#: What ``build_request`` leaves out of the ``py_modules`` upload (gitignore-style patterns, as Ray reads them).
+UPLOAD_EXCLUDES = ("__pycache__", "*.pyc")
+#: Ray's own cap on one runtime-env package (``GCS_STORAGE_MAX_SIZE``, 512 MiB); zeroplane refuses earlier.
+DEFAULT_UPLOAD_LIMIT_MB = 100.0
+
+
+def upload_size(request: Dict[str, Any]) -> int:
+    """Bytes of the files a request's ``py_modules`` would upload (excludes applied like Ray: by name)."""
+    import fnmatch
+
+    total = 0
+    for mod in request.get("runtime_env", {}).get("py_modules", []):
+        for dirpath, dirnames, filenames in os.walk(mod):
+            dirnames[:] = [d for d in dirnames if not any(fnmatch.fnmatch(d, p) for p in UPLOAD_EXCLUDES)]
+            for f in filenames:
+                if not any(fnmatch.fnmatch(f, p) for p in UPLOAD_EXCLUDES):
+                    total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+def check_upload_size(request: Dict[str, Any], limit_mb: Optional[float] = None) -> int:
+    """Refuse a request whose upload is over ``limit_mb`` (default ``$ZEROPLANE_MAX_UPLOAD_MB`` or
+    ``DEFAULT_UPLOAD_LIMIT_MB``); returns the size in bytes.
+
+    Raises:
+        ZeroplaneError: the size, the limit and what to do.
+    """
+    if limit_mb is None:
+        limit_mb = float(os.environ.get("ZEROPLANE_MAX_UPLOAD_MB") or DEFAULT_UPLOAD_LIMIT_MB)
+    size = upload_size(request)
+    if size > limit_mb * 2**20:
+        mods = ", ".join(request["runtime_env"]["py_modules"])
+        raise ZeroplaneError(
+            f"the job would upload {size / 2**20:.1f} MiB ({mods}), over the {limit_mb:g} MiB limit; remove large "
+            "files from the package or raise ZEROPLANE_MAX_UPLOAD_MB (Ray's own cap is 512 MiB)"
+        )
+    return size
 
 
 def redact(request: Dict[str, Any]) -> Dict[str, Any]:
@@ -93,7 +140,12 @@ class RayJobsBackend:
         return self._client
 
     def submit(self, request: Dict[str, Any]) -> str:
-        """Submit a request from :func:`build_request`; returns the job id."""
+        """Submit a request from :func:`build_request` after checking its upload size; returns the job id.
+
+        Raises:
+            ZeroplaneError: the upload is too large, or the submission failed.
+        """
+        check_upload_size(request)
         try:
             return self.client.submit_job(**request)
         except Exception as e:
@@ -123,21 +175,50 @@ class RayJobsBackend:
         return self.client.get_job_logs(job_id)
 
     def stop(self, job_id: str, wait_s: float = 120.0) -> str:
-        """Ask Ray to stop the job and wait until it is terminal; returns the final status.
+        """Stop the job and return its final status once its driver AND its actors are gone.
+
+        Ray marks a job STOPPED when its driver process has been killed; the Ray Train controller and
+        worker actors of the job are torn down after that. This waits (within the same ``wait_s``) until
+        Ray's state API lists none of the job's actors as alive, so a STOPPED answer means nothing of
+        the job still runs or holds resources.
+
+        Args:
+            job_id: Ray submission id.
+            wait_s: overall seconds to wait (default 120).
 
         Raises:
-            ZeroplaneError: the job did not reach a terminal state within ``wait_s`` seconds.
+            ZeroplaneError: the job, or one of its actors, was still there after ``wait_s`` seconds.
         """
-        if self.status(job_id) in TERMINAL:
-            return self.status(job_id)
-        self.client.stop_job(job_id)
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            st = self.status(job_id)
-            if st in TERMINAL:
-                return st
-            time.sleep(1.0)
-        raise ZeroplaneError(f"job {job_id} did not stop within {wait_s:.0f}s (status {self.status(job_id)})")
+        info = self.info(job_id)
+        if info["status"] not in TERMINAL:
+            self.client.stop_job(job_id)
+            while (info := self.info(job_id))["status"] not in TERMINAL:
+                if time.monotonic() > deadline:
+                    raise ZeroplaneError(f"job {job_id} did not stop within {wait_s:.0f}s (status {info['status']})")
+                time.sleep(0.5)
+        ray_job = info.get("ray_job_id")
+        while ray_job:
+            alive = self.live_actors(ray_job)
+            if not alive:
+                break
+            if time.monotonic() > deadline:
+                raise ZeroplaneError(f"job {job_id} is {info['status']} but {len(alive)} of its actors are still "
+                                     f"alive after {wait_s:.0f}s: {', '.join(sorted(set(alive)))[:200]}")
+            time.sleep(0.5)
+        return info["status"]
+
+    def live_actors(self, ray_job_id: str) -> List[str]:
+        """Class names of the actors of a Ray job (hex job id) that are not DEAD (Ray state API).
+
+        Detached actors are left out: they belong to the cluster, not the job (Ray Train and Ray Data
+        leave cluster-wide helpers such as ``_AutoscalingCoordinatorActor`` running on purpose).
+        """
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=self.dashboard_url, filters=[("job_id", "=", ray_job_id)], limit=10_000,
+                             detail=True, raise_on_missing_output=False)
+        return [a.class_name for a in actors if a.state != "DEAD" and not a.is_detached]
 
     def list(self) -> List[Dict[str, Any]]:
         """zeroplane's jobs on this cluster, newest first."""
@@ -152,12 +233,15 @@ class RayJobsBackend:
 def _details(d) -> Dict[str, Any]:
     return {
         "job_id": d.submission_id,
+        "zeroplane_job_id": (d.metadata or {}).get("zeroplane_job_id") or d.submission_id,
         "name": (d.metadata or {}).get("zeroplane_name"),
         "status": str(getattr(d.status, "value", d.status)),
         "message": d.message,
         "start_time": d.start_time,
         "end_time": d.end_time,
         "driver_exit_code": getattr(d, "driver_exit_code", None),
+        "ray_job_id": getattr(d, "job_id", None),
+        "driver_pid": int(d.driver_info.pid) if getattr(d, "driver_info", None) else None,
     }
 
 

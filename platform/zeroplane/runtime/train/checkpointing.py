@@ -73,20 +73,26 @@ def write_marker(persisted, metrics: Dict[str, Any]) -> None:
 
 
 def pick_resume_path(storage: Storage, job_id: str, ray_checkpoint, explicit: Optional[str]) -> Optional[str]:
-    """Where to resume from: Ray's latest checkpoint when complete, else the newest complete one.
+    """Where to resume from: the newest complete checkpoint, whether Ray knows it or not.
 
-    ``ray_checkpoint`` is ``ray.train.get_checkpoint()`` (set after a worker-group restart);
-    ``explicit`` is a path chosen by the driver at submission (a resumed job). Returns an fs path of
-    ``storage`` or None for a fresh start.
+    ``ray_checkpoint`` is ``ray.train.get_checkpoint()`` (Ray's latest registered checkpoint after a
+    worker-group restart, or restored from a previous run of the same name). It can be OLDER than the
+    newest complete checkpoint in storage: a job stopped after its workers persisted a checkpoint and
+    wrote the marker but before Ray's controller registered it. So the candidates are Ray's checkpoint
+    (if complete), the newest complete checkpoint of ``job_id`` in storage and ``explicit`` (a path the
+    driver chose at submission, if complete); the highest step wins. Returns an fs path of ``storage``,
+    or None for a fresh start.
     """
-    if ray_checkpoint is not None:
-        info = inspect_checkpoint(storage, job_id, ray_checkpoint.path)
-        if info.complete:
-            return info.path
+    candidates = []
+    for path in (ray_checkpoint.path if ray_checkpoint is not None else None, explicit):
+        if path:
+            info = inspect_checkpoint(storage, job_id, path)
+            if info.complete:
+                candidates.append(info)
     newest = latest_complete(storage, job_id)
     if newest is not None:
-        return newest.path
-    return explicit
+        candidates.append(newest)
+    return max(candidates, key=lambda c: c.step).path if candidates else None
 
 
 def load(engine, storage: Storage, path: str, rank: int, world: int,

@@ -1,0 +1,108 @@
+"""Jobs through the real Ray Jobs API on a local head that the module starts (and stops, by its pids):
+``train stop`` answers only once the driver and every worker process are gone, ``train resume``
+continues the same job from its newest complete checkpoint, a job whose runtime env cannot be set up
+fails with the reason in bounded time."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from zeroplane.spec import load_spec
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory) -> Iterator[object]:
+    from zeroplane import cluster
+
+    tmp = tmp_path_factory.mktemp("jobs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZEROPLANE_HOME", str(tmp / "home"))
+        mp.setenv("RAY_AUTH_TOKEN_PATH", str(tmp / "ray-auth-token"))
+        for var in ("RAY_ADDRESS", "ZEROPLANE_SERVE_PORT", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            mp.delenv(var, raising=False)
+        info = cluster.start_local_head(timeout_s=120)
+        try:
+            from zeroplane.sdk import Client
+
+            yield Client(), tmp / "storage"
+        finally:
+            cluster.stop_local_head()
+    cluster._refresh_ray_auth_cache()
+
+
+def _events(zp, job_id: str):
+    from zeroplane.sdk import parse_progress
+
+    return parse_progress(zp.jobs.client.get_job_logs(job_id))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_stop_leaves_nothing_running_then_resume_continues_the_job(head):
+    from zeroplane.cli.main import main
+
+    zp, storage = head
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml",
+                     [f"checkpoint.storage_path={storage}", "train.max_steps=200", "checkpoint.every_n_steps=4",
+                      "train.eval_every_n_steps=1000", "checkpoint.num_to_keep=null"])
+    job = zp.submit(spec)["job_id"]
+    deadline = time.monotonic() + 240
+    while not any(e["event"] == "checkpoint" for e in _events(zp, job)):
+        assert zp.jobs.status(job) in ("PENDING", "RUNNING") and time.monotonic() < deadline, zp.jobs.logs(job)[-3000:]
+        time.sleep(1)
+    start = next(e for e in _events(zp, job) if e["event"] == "start")
+    pids = [zp.jobs.info(job)["driver_pid"], *start["worker_pids"]]
+    assert len(pids) == 3 and all(_alive(p) for p in pids)
+
+    stopped = CliRunner().invoke(main, ["train", "stop", job, "--wait-s", "90"])
+    assert stopped.exit_code == 0 and stopped.output.strip() == f"{job}: STOPPED", stopped.output
+    assert [p for p in pids if _alive(p)] == []  # the answer came only after every process was gone
+    assert zp.jobs.live_actors(zp.jobs.info(job)["ray_job_id"]) == []
+    reached = max(c.step for c in zp.checkpoints(job))
+
+    res = CliRunner().invoke(main, ["train", "resume", job, "--set", "train.max_steps=" + str(reached + 4),
+                                    "--set", "train.warmup_steps=3", "-o", "json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["job_id"] == f"{job}-r1" and out["zeroplane_job_id"] == job and out["resume_step"] == reached
+    assert zp.wait(out["job_id"], timeout_s=300) == "SUCCEEDED", zp.jobs.logs(out["job_id"])[-3000:]
+    events = _events(zp, out["job_id"])
+    assert [e for e in events if e["event"] == "resumed"][0]["step"] == reached
+    assert next(e for e in events if e["event"] == "start")["start_step"] == reached
+    # one job, two submissions: checkpoints and the listing agree
+    assert [c.step for c in zp.checkpoints(out["job_id"])][-1] == reached + 4
+    assert zp.checkpoints(job) == zp.checkpoints(out["job_id"])
+    listed = {j["job_id"]: j for j in zp.jobs.list()}
+    assert listed[f"{job}-r1"]["zeroplane_job_id"] == job and listed[job]["status"] == "STOPPED"
+    assert zp.status(out["job_id"])["result"]["status"] == "SUCCEEDED"
+
+
+def test_bad_runtime_env_fails_with_reason_in_bounded_time(head):
+    from zeroplane.backends.rayjobs import build_request
+
+    zp, storage = head
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml", [f"checkpoint.storage_path={storage}"])
+    req = build_request(spec, "itest-bad-env")
+    req["runtime_env"]["py_modules"] = ["gcs://_ray_pkg_0123456789abcdef.zip"]  # a package nobody uploaded
+    t0 = time.monotonic()
+    zp.jobs.submit(req)
+    assert zp.wait("itest-bad-env", timeout_s=120, poll_s=0.5) == "FAILED"
+    assert time.monotonic() - t0 < 120
+    msg = zp.jobs.info("itest-bad-env")["message"]
+    assert "runtime" in msg.lower() and "_ray_pkg_0123456789abcdef" in msg, msg
