@@ -150,3 +150,54 @@ def test_canary_splits_traffic_and_status_reports_it(head):
     back = zp.rollback("tiny", storage=storage)  # ends the split
     assert (back["from"], back["to"]) == ("v2", "v1")
     assert {_ask(url, key).json()["model"] for _ in range(6)} == {"tiny:v1"}
+
+
+def _running_replicas(zp) -> int:
+    (row,) = [r for r in zp.serve_status(with_requests=False) if r["name"] == "tiny"]
+    return sum(v["running_replicas"] for v in row["versions"])
+
+
+def test_autoscaling_up_under_load_and_to_zero_when_idle(head):
+    zp, storage, key = head
+    auto = {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 1,
+            "upscale_delay_s": 1, "downscale_delay_s": 3}
+    url = zp.deploy("tiny", "v1", storage=storage,
+                    overrides={"autoscaling": auto, "ray_actor_options": {"num_cpus": 0.25}})
+    (row,) = [r for r in zp.serve_status(with_requests=False) if r["name"] == "tiny"]
+    assert row["versions"][0]["autoscaling"]["upscale_delay_s"] == 1
+    assert row["versions"][0]["autoscaling"]["downscale_delay_s"] == 3
+    # scaled to zero (or on its way): a request is answered after a cold start
+    assert _ask(url, key).status_code == 200
+
+    stop = threading.Event()
+    statuses: list = []
+    body = {"prompt": "the quick", "max_tokens": 48, "temperature": 0}
+
+    def load():
+        while not stop.is_set():
+            try:
+                statuses.append(_ask(url, key, body=body).status_code)
+            except Exception as e:
+                statuses.append(repr(e))
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    peak = 0
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and peak < 2:
+            peak = max(peak, _running_replicas(zp))
+            time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+    assert peak >= 2, f"never scaled up under load: peak {peak}"
+    assert statuses and all(s == 200 for s in statuses), [s for s in statuses if s != 200][:5]
+
+    deadline = time.monotonic() + 150
+    while _running_replicas(zp) > 0:
+        assert time.monotonic() < deadline, "did not scale back to min_replicas=0 when idle"
+        time.sleep(2)
+    assert _ask(url, key).status_code == 200  # cold start from zero
