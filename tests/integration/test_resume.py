@@ -116,3 +116,48 @@ def test_incomplete_checkpoint_never_listed_resumed_or_promoted(runs, tmp_path):
         assert resolve_checkpoint(local, job).step == N
     marker = json.loads((src / f"checkpoint_step_{2 * N:07d}" / MARKER).read_text())
     assert marker["step"] == 2 * N
+
+
+def test_worker_killed_mid_run_recovers_from_last_complete_checkpoint(ray_local, tmp_path):
+    """SIGKILL one Ray Train worker process (by the pid recorded in the first checkpoint) of a 2-worker
+    ZeRO-2 run with ``failure.max_failures=1``: Ray Train restarts the worker group, the job resumes from
+    the newest complete checkpoint, finishes, and its final checkpoint promotes."""
+    import os
+    import signal
+    import threading
+
+    import psutil
+
+    from zeroplane.promote import promote_checkpoint
+    from zeroplane.runtime.train.driver import build_train_loop_config, build_trainer
+
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml",
+                     [f"checkpoint.storage_path={tmp_path}", "train.max_steps=25", "checkpoint.every_n_steps=5",
+                      "train.eval_every_n_steps=100", "failure.max_failures=1", "checkpoint.num_to_keep=2",
+                      "data.max_chars=15000"])
+    storage = Storage.for_checkpoint_spec(spec.checkpoint)
+    job_id = f"itest-kill-{int(time.time())}"
+    trainer = build_trainer(spec, job_id, storage, build_train_loop_config(spec, job_id, storage))
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=trainer.fit()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while latest_complete(storage, job_id) is None:
+        assert thread.is_alive() and time.monotonic() < deadline, "no checkpoint before the deadline"
+        time.sleep(0.2)
+    first = latest_complete(storage, job_id)
+    pids = storage.read_json(f"{first.path}/meta.json")["worker_pids"]
+    victim = psutil.Process(pids[1])
+    assert "RayTrainWorker" in " ".join(victim.cmdline()), victim.cmdline()  # a Train worker, by its own pid
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = first.step
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "training did not finish after the worker was killed"
+    result = out["result"]
+    assert result.error is None and result.metrics["step"] == 25
+    meta = storage.read_json(f"{latest_complete(storage, job_id).path}/meta.json")
+    assert len(meta["resumes"]) == 1 and meta["resumes"][0]["step"] >= killed_at
+    assert set(meta["worker_pids"]).isdisjoint(pids)  # a new worker group finished the job
+    assert [s for s, _ in meta["loss_curve"]] == list(range(1, 26))
+    rec = promote_checkpoint(storage, job_id, "tiny-survivor")
+    assert rec["verification"]["ok"] and rec["source"]["step"] == 25
