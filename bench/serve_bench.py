@@ -163,7 +163,7 @@ def main() -> int:
         print(f"{r['max_batch_size']:>14} {r['clients']:>8} {r['req_per_s']:>8.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f}")
     print(f"in-process generate p50 {base['p50_ms']:.1f} ms; Serve path (1 client, batch 1) p50 "
           f"{single['p50_ms']:.1f} ms: ratio {result['serve_over_in_process_p50_ratio']:.2f}x "
-          f"({result["serve_added_p50_ms"]:+.1f} ms)")
+          f"({result['serve_added_p50_ms']:+.1f} ms)")
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"serve_bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
