@@ -75,6 +75,7 @@ class Client:
             "spec": spec.model_dump(mode="json"),
             "deepspeed_config": build_deepspeed_config(spec),
             "ray_job_request": redact(build_request(spec, job_id)),
+            "memory_estimate": memory_estimate(spec),
         }
 
     def submit(self, spec: JobSpec, job_id: Optional[str] = None) -> Dict[str, Any]:
@@ -382,6 +383,17 @@ def _running_overrides(app_details: Dict[str, Any]) -> Dict[str, Any]:
     if "max_batch_size" in args:
         out["max_batch_size"] = args["max_batch_size"]
     return out
+
+
+def memory_estimate(spec: JobSpec) -> Dict[str, Any]:
+    """Per-worker model-state memory for ``--dry-run``: :func:`zeroplane.estimate.estimate` without the
+    runtime (no torch/deepspeed import); ``{"error": …}`` when the model cannot be counted from its config."""
+    from .estimate import estimate
+
+    try:
+        return estimate(spec, runtime=False)
+    except Exception as e:  # a dry run must still show the request
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
 
 def preflight_storage(storage: Storage) -> None:

@@ -238,6 +238,33 @@ def _follow(zp, job_id: str, max_steps: int) -> str:
     return status
 
 
+@train.command("estimate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. deepspeed.zero_stage=3.")
+@OUTPUT
+def train_estimate(file, overrides, output) -> None:
+    """Per-worker memory for model states of the job spec FILE: the ZeRO paper's formula next to
+    DeepSpeed's own estimator (activations not included)."""
+    from ..estimate import estimate
+    from ..spec import load_spec
+
+    s = load_spec(file, list(overrides))
+    est = estimate(s)
+    if output == "json":
+        return _json(est)
+    p, d = est["paper"], est["deepspeed"]
+    size = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"  # noqa: E731
+    click.echo(f"{s.name}: {est['parameters'] / 1e6:.2f}M parameters, ZeRO-{est['zero_stage']}, {est['workers']} workers, "
+               f"{est['precision']}")
+    click.echo(f"  ZeRO paper (K={p['k']}): {size(p['device_bytes'])} per worker"
+               + (f" + {size(p['host_bytes'])} host (offload)" if p["host_bytes"] else "")
+               + f"  [params {size(p['params_bytes'])}, grads {size(p['grads_bytes'])}, "
+                 f"optimizer {size(p['optimizer_bytes'])}]")
+    click.echo(f"  DeepSpeed estimator: {size(d['device_gb'] * 1e9)} per worker, "
+               f"{size(d['host_gb_all_workers'] * 1e9)} host per node" if d else "  DeepSpeed estimator: none for stage 0")
+    click.echo(f"  ({est['note']})")
+
+
 @train.command("resume")
 @click.argument("job_id")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
