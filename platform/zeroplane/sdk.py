@@ -209,7 +209,8 @@ class Client:
             if status in TERMINAL:
                 return status
             if timeout_s is not None and time.monotonic() - start > timeout_s:
-                raise ZeroplaneError(f"job {job_id} still {status} after {timeout_s:.0f}s")
+                raise ZeroplaneError(f"job {job_id} still {status} after {timeout_s:.0f}s; it keeps running "
+                                     f"(`zeroplane train stop {job_id}` ends it)")
             time.sleep(poll_s)
 
     def follow_logs(self, job_id: str, poll_s: float = 1.0) -> Iterator[str]:

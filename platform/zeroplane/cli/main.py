@@ -170,9 +170,11 @@ def train() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. train.max_steps=10.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved spec, DeepSpeed config and Ray job request; submit nothing.")
 @click.option("--wait", is_flag=True, help="Follow progress until the job ends; exit 0 on success, 1 otherwise.")
+@click.option("--timeout-s", type=click.FloatRange(min=1), default=None,
+              help="With --wait: give up (exit 1, the job keeps running) after this many seconds.")
 @ADDRESS
 @OUTPUT
-def train_submit(file, overrides, dry_run, wait, address, output) -> None:
+def train_submit(file, overrides, dry_run, wait, timeout_s, address, output) -> None:
     """Submit the job spec FILE as a Ray Job running a Ray Train TorchTrainer with DeepSpeed."""
     from ..sdk import Client
     from ..spec import load_spec
@@ -187,7 +189,7 @@ def train_submit(file, overrides, dry_run, wait, address, output) -> None:
         return _json(res)
     _err(f"submitted {job_id} to {zp.cluster.dashboard_url}; checkpoints in {res['storage']}")
     if wait:
-        status = _follow(zp, job_id, s.train.max_steps)
+        status = _follow(zp, job_id, s.train.max_steps, timeout_s)
         if output == "json":
             _json(zp.status(job_id))
         if status != "SUCCEEDED":
@@ -197,8 +199,12 @@ def train_submit(file, overrides, dry_run, wait, address, output) -> None:
         click.echo(job_id)
 
 
-def _follow(zp, job_id: str, max_steps: int) -> str:
-    """Live progress bar (step, loss, tokens/s) until the job ends; returns its status."""
+def _follow(zp, job_id: str, max_steps: int, timeout_s: Optional[float] = None) -> str:
+    """Live progress bar (step, loss, tokens/s) until the job ends; returns its status.
+
+    Raises:
+        ZeroplaneError: ``timeout_s`` seconds passed first (the job is left running).
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     state: Dict[str, Any] = {}
@@ -228,7 +234,7 @@ def _follow(zp, job_id: str, max_steps: int) -> str:
             elif kind == "done":
                 state["done"] = ev
 
-        status = zp.wait(job_id, on_event=on_event)
+        status = zp.wait(job_id, on_event=on_event, timeout_s=timeout_s)
     done = state.get("done")
     if done:
         click.echo(f"{job_id} {status}: validation loss {_fmt(done.get('val_loss_step0'), 4)} at step 0 -> "
@@ -270,9 +276,11 @@ def train_estimate(file, overrides, output) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a field of the job's original spec, e.g. train.max_steps=600.")
 @click.option("--wait", is_flag=True, help="Follow progress until the job ends; exit 0 on success, 1 otherwise.")
+@click.option("--timeout-s", type=click.FloatRange(min=1), default=None,
+              help="With --wait: give up (exit 1, the job keeps running) after this many seconds.")
 @ADDRESS
 @OUTPUT
-def train_resume(job_id, overrides, wait, address, output) -> None:
+def train_resume(job_id, overrides, wait, timeout_s, address, output) -> None:
     """Continue the ended job JOB_ID from its newest complete checkpoint.
 
     Submits a new Ray Job JOB_ID-r<k> with the job's original spec (train.stop_after_steps cleared,
@@ -286,7 +294,7 @@ def train_resume(job_id, overrides, wait, address, output) -> None:
     start = f"step {res['resume_step']}" if res["resume_step"] is not None else "step 0 (no complete checkpoint yet)"
     _err(f"submitted {sub}: resumes job {res['zeroplane_job_id']} from {start}; checkpoints in {res['storage']}")
     if wait:
-        status = _follow(zp, sub, zp.spec_of(sub).train.max_steps)
+        status = _follow(zp, sub, zp.spec_of(sub).train.max_steps, timeout_s)
         if output == "json":
             _json(zp.status(sub))
         if status != "SUCCEEDED":
