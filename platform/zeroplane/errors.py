@@ -22,6 +22,11 @@ class SpecError(click.UsageError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
 
+    def show(self, file=None) -> None:
+        """Print ``Error: <message>`` only: the message already says what to fix, so Click's usage
+        banner would just push it down."""
+        click.echo(f"Error: {self.format_message()}", err=True, file=file)
+
 
 class NotFoundError(ZeroplaneError):
     """A job, checkpoint, model or version that does not exist (exit code 1)."""

@@ -118,9 +118,9 @@ def test_min_replicas_equal_max_and_zero_resources_are_valid():
 # (id, spec, fragments the message must contain: field path, bad value, fix hint)
 BAD = [
     ("unknown-field", {"name": "a", "train": {"lrr": 1}},
-     ["spec: train.lrr", "= 1", "unknown field", "remove it or check the spelling"]),
+     ["spec: train.lrr", "= 1", "unknown field", "did you mean 'lr'?", "remove it or fix the spelling"]),
     ("unknown-top-level-field", {"name": "a", "trian": {"lr": 1}},
-     ["spec: trian", "unknown field", "remove it or check the spelling"]),
+     ["spec: trian", "unknown field", "did you mean 'train'?", "remove it or fix the spelling"]),
     ("wrong-type-float", {"name": "a", "train": {"lr": "fast"}},
      ["spec: train.lr", '"fast"', "should be a valid number"]),
     ("wrong-type-int", {"name": "a", "train": {"max_steps": "ten"}},

@@ -88,13 +88,32 @@ def format_validation_error(err: ValidationError, source: str = "spec") -> str:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; remove it or check the spelling (`zeroplane spec schema` lists the fields)"
+            close = _close_fields(e["loc"])
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            msg = f"unknown field; {hint}remove it or fix the spelling (`zeroplane spec schema` lists the fields)"
         elif e["type"] == "missing":
             msg = "required field is missing; add it"
         value = e.get("input")
         shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" = {json.dumps(value, default=str)}"
         lines.append(f"{source}: {loc}{shown}: {msg}")
     return "\n".join(lines)
+
+
+def _close_fields(loc) -> List[str]:
+    """Field names of the model at ``loc[:-1]`` that look like the unknown ``loc[-1]`` (difflib)."""
+    import difflib
+
+    from pydantic import BaseModel
+
+    model: Any = JobSpec
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    names = list(getattr(model, "model_fields", {}))
+    return difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
 
 
 def parse_spec(data: Any, source: str = "spec") -> JobSpec:
