@@ -105,21 +105,17 @@ def count_parameters(spec: JobSpec) -> Tuple[int, int]:
     Returns:
         ``(total_params, largest_layer_params)``; tied weights counted once.
     """
+    import os
+
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .runtime.train.modeling import model_config
 
     if spec.model.pretrained:
-        import os
-
         cfg = AutoConfig.from_pretrained(os.path.expanduser(spec.model.pretrained))
     else:
         if spec.tokenizer.path or spec.tokenizer.train_bpe is None:
-            from transformers import AutoTokenizer
-
-            import os
-
             vocab = len(AutoTokenizer.from_pretrained(os.path.expanduser(spec.tokenizer.path)))
         else:
             vocab = spec.tokenizer.train_bpe.vocab_size
@@ -167,16 +163,14 @@ def estimate(spec: JobSpec, runtime: bool = True) -> Dict[str, Any]:
 
         with contextlib.redirect_stdout(sys.stderr):  # deepspeed logs its accelerator choice on stdout
             import deepspeed  # noqa: F401
-    if not runtime:
-        pass
-    elif stage in (1, 2):
+    if runtime and stage in (1, 2):
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
         cpu, dev = estimate_zero2_model_states_mem_needs(psi, num_gpus_per_node=n, num_nodes=1,
                                                          cpu_offload=ds.offload_optimizer != "none")
         ds_est = {"function": "deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs",
                   "device_gb": round(dev / 1e9, 4), "host_gb_all_workers": round(cpu / 1e9, 4)}
-    elif stage == 3:
+    elif runtime and stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
         cpu, dev, _ = estimate_zero3_model_states_mem_needs(psi, largest, num_gpus_per_node=n, num_nodes=1,

@@ -31,7 +31,7 @@ def head(tmp_path_factory) -> Iterator[object]:
         mp.setenv("RAY_AUTH_TOKEN_PATH", str(tmp / "ray-auth-token"))
         for var in ("RAY_ADDRESS", "ZEROPLANE_SERVE_PORT", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
             mp.delenv(var, raising=False)
-        info = cluster.start_local_head(timeout_s=120)
+        cluster.start_local_head(timeout_s=120)
         try:
             from zeroplane.sdk import Client
 
