@@ -165,9 +165,31 @@ class Client:
         return parse_spec(json.loads(env["ZEROPLANE_SPEC_JSON"]), source=job_id)
 
     def storage_of(self, job_id: str) -> Storage:
-        """The storage root of a job (from its spec)."""
-        self.jobs.info(job_id)
+        """The storage root of a job: from its spec while the cluster knows the job, else the default
+        storage (``$ZEROPLANE_STORAGE`` or ``~/.zeroplane/storage``) when the job's folder is there —
+        checkpoints outlive the cluster that wrote them.
+
+        Raises:
+            NotFoundError: neither the cluster nor the default storage knows the job.
+        """
+        try:
+            self.jobs.info(job_id)
+        except NotFoundError:
+            st = Storage.from_uri(default_storage())
+            if st.isdir(st.path("jobs", job_id)):
+                return st
+            raise NotFoundError(
+                f"job {job_id!r} is neither on {self.cluster.dashboard_url} nor in {st.uri}; "
+                "give its storage with --storage (see `zeroplane train list`)"
+            ) from None
         return Storage.for_checkpoint_spec(self.spec_of(job_id).checkpoint)
+
+    def run_id_or_self(self, job_id: str) -> str:
+        """:meth:`run_id_of` for a job the cluster knows, else ``job_id`` itself (a job of an earlier cluster)."""
+        try:
+            return self.run_id_of(job_id)
+        except NotFoundError:
+            return job_id
 
     def status(self, job_id: str) -> Dict[str, Any]:
         """Ray job details plus the newest progress event and the final result when finished."""
@@ -258,10 +280,10 @@ class Client:
         if storage:
             st = Storage.from_uri(storage)
         elif "/" in ref:
-            raise ZeroplaneError(f"promote {ref!r}: give --storage for a checkpoint path")
+            st = storage_of_checkpoint_path(ref)
         else:
             st = self.storage_of(job_id)
-            ref = self.run_id_of(job_id) + ref[len(job_id):]  # a resume submission id -> its job
+            ref = self.run_id_or_self(job_id) + ref[len(job_id):]  # a resume submission id -> its job
         rec = promote_checkpoint(st, ref, name, dtype=dtype, progress=progress)
         if deploy:
             rec["url"] = self.deploy(name, rec["version"], storage=st.uri, overrides=overrides, progress=progress,
@@ -397,6 +419,22 @@ def memory_estimate(spec: JobSpec) -> Dict[str, Any]:
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
 
+def storage_of_checkpoint_path(path: str) -> Storage:
+    """The storage root holding a checkpoint folder ``<root>/jobs/<job_id>/checkpoint_step_N``.
+
+    Raises:
+        SpecError: the path does not have that shape.
+    """
+    from .checkpoints import step_of
+    from .errors import SpecError
+
+    parts = path.rstrip("/").rsplit("/", 3)
+    if len(parts) != 4 or parts[1] != "jobs" or step_of(parts[3]) is None:
+        raise SpecError(f"{path!r} is not a checkpoint folder <storage>/jobs/<job>/checkpoint_step_NNNNNNN; "
+                        "give a job id or such a path")
+    return Storage.from_uri(parts[0] or "/")
+
+
 def preflight_storage(storage: Storage) -> None:
     """Check that the storage root is writable by writing and deleting a small file.
 
@@ -451,5 +489,8 @@ def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0
         except Exception:
             reason = r.text[:300]
         hint = " (create a key with `zeroplane serve keys create --save`)" if r.status_code == 401 else ""
+        if r.status_code == 404 and "not found" in reason.lower() and "Ping" in reason:
+            reason = "no such application on this cluster's Ray Serve"
+            hint = " (`zeroplane serve status` lists deployed models; `zeroplane promote` deploys one)"
         raise ZeroplaneError(f"{url} answered {r.status_code}: {reason}{hint}")
     return r.json()

@@ -328,3 +328,15 @@ def test_parse_progress_finds_prefixed_lines_in_order_and_deduplicates():
         {"event": "step", "step": 2, "loss": 4.0},
     ]
     assert parse_progress("") == []
+
+
+def test_storage_of_checkpoint_path_finds_the_root_and_rejects_other_paths(tmp_path):
+    from zeroplane.errors import SpecError
+    from zeroplane.sdk import storage_of_checkpoint_path
+
+    st = storage_of_checkpoint_path(f"{tmp_path}/jobs/j-1/checkpoint_step_0000010/")
+    assert st.uri == str(tmp_path.resolve())
+    assert storage_of_checkpoint_path("s3://bucket/pre/fix/jobs/j/checkpoint_step_0000001").uri == "s3://bucket/pre/fix"
+    for bad in (f"{tmp_path}/jobs/j-1", f"{tmp_path}/models/m/checkpoint_step_0000010", "checkpoint_step_1"):
+        with pytest.raises(SpecError, match="not a checkpoint folder"):
+            storage_of_checkpoint_path(bad)

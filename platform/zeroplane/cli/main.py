@@ -80,9 +80,13 @@ class _Main(click.Group):
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="zeroplane")
-def main() -> None:
+@click.option("--profile", envvar="ZEROPLANE_PROFILE", default=None,
+              help="Named cluster profile of ~/.zeroplane/config.yaml (used after --address and RAY_ADDRESS).")
+def main(profile) -> None:
     """zeroplane: train Hugging Face causal LMs with DeepSpeed ZeRO on Ray Train, promote checkpoints
     to model versions, and serve them with Ray Serve."""
+    if profile:
+        os.environ["ZEROPLANE_PROFILE"] = profile  # read by cluster.resolve_cluster
 
 
 # ---------------------------------------------------------------- cluster
@@ -92,14 +96,18 @@ def cluster() -> None:
 
 
 @cluster.command("up")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--num-cpus", type=int, default=None, help="CPUs the local head offers (default: max(cores, 4)).")
 @click.option("--dashboard-port", type=int, default=None, help="Dashboard port (default 8265 if free).")
 @click.option("--serve-port", type=int, default=None, help="Ray Serve HTTP port (default 8000 if free).")
 @OUTPUT
-def cluster_up(num_cpus, dashboard_port, serve_port, output) -> None:
-    """Start the embedded local Ray head (or return the one already running)."""
-    from ..cluster import start_local_head
+def cluster_up(config, num_cpus, dashboard_port, serve_port, output) -> None:
+    """Start the embedded local Ray head (or return the one already running); with CONFIG, create or
+    update that cluster with the Ray cluster launcher (`ray up -y CONFIG`, e.g. cluster/aws.yaml)."""
+    from ..cluster import run_launcher, start_local_head
 
+    if config:
+        return run_launcher("up", config)
     with _console(stderr=True).status("starting a local Ray head"):
         info = start_local_head(num_cpus=num_cpus, dashboard_port=dashboard_port, serve_http_port=serve_port)
     if output == "json":
@@ -108,11 +116,15 @@ def cluster_up(num_cpus, dashboard_port, serve_port, output) -> None:
 
 
 @cluster.command("down")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--grace-s", type=float, default=10.0, show_default=True, help="Seconds between SIGTERM and SIGKILL.")
-def cluster_down(grace_s) -> None:
-    """Stop the local Ray head zeroplane started (and only that)."""
-    from ..cluster import stop_local_head
+def cluster_down(config, grace_s) -> None:
+    """Stop the local Ray head zeroplane started (and only that); with CONFIG, tear that cluster down
+    with the Ray cluster launcher (`ray down -y CONFIG`)."""
+    from ..cluster import run_launcher, stop_local_head
 
+    if config:
+        return run_launcher("down", config)
     pids = stop_local_head(grace_s=grace_s)
     click.echo(f"stopped {len(pids)} processes" if pids else "no local zeroplane cluster was running")
 
@@ -447,7 +459,14 @@ def promote_cmd(ref, name, storage, dtype, no_deploy, min_replicas, max_replicas
         from ..serving import app_config
         from ..storage import Storage
 
-        st = Storage.from_uri(storage) if storage else _client(address).storage_of(ref.partition("@")[0])
+        from ..sdk import storage_of_checkpoint_path
+
+        if storage:
+            st = Storage.from_uri(storage)
+        elif "/" in ref:
+            st = storage_of_checkpoint_path(ref)
+        else:
+            st = _client(address).storage_of(ref.partition("@")[0])
         ck = resolve_checkpoint(st, ref)
         version = Registry(st).next_version(name)
         spec_serve = st.read_json(f"{ck.path}/meta.json").get("spec", {}).get("serve", {})
@@ -466,7 +485,7 @@ def promote_cmd(ref, name, storage, dtype, no_deploy, min_replicas, max_replicas
     click.echo(f"registered {name}:{rec['version']} from {rec['source']['job_id']} step {rec['source']['step']} "
                f"(probe max |Δlogit| {v['max_abs_logit_diff']:.2e}) at {rec['uri']}")
     if rec.get("url"):
-        click.echo(f"serving at {rec['url']}/v1/completions")
+        click.echo(f"serving {name}:{rec['version']} at {rec['url']} (POST {rec['url']}/v1/completions)")
 
 
 @main.group()
