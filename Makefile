@@ -1,12 +1,13 @@
 # zeroplane: `make demo` runs the main job end to end on a local Ray head; `make test` runs the tests.
 # Both create .venv on first use (torch 2.13.0 CPU wheel first, then the project).
+# `make bench` runs bench/run_all.py (all benchmarks, ~15 min on 2 cores; results in bench/results/).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 ZP      = $(BIN)/zeroplane
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast down clean
+.PHONY: venv demo test test-fast bench down clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,14 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
+
+# The benchmarks also need the `bench` extra (matplotlib, for the plots).
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: $(BIN)/.bench-installed
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 down: venv
 	$(ZP) cluster down

@@ -167,10 +167,15 @@ class BatchOrder:
     def indices(self, k: int) -> np.ndarray:
         """Sequence indices (shape ``[micro]``) of global micro-batch ``k`` for this rank."""
         start = (k * self.world + self.rank) * self.micro
+        first, last = start // self.n, (start + self.micro - 1) // self.n
+        if first == last:  # the common case: one slice of one epoch's permutation
+            off = start - first * self.n
+            return self._perm(first)[off : off + self.micro].astype(np.int64)
+        pos = np.arange(start, start + self.micro)
         out = np.empty(self.micro, dtype=np.int64)
-        for i in range(self.micro):
-            pos = start + i
-            out[i] = self._perm(pos // self.n)[pos % self.n]
+        for epoch in range(first, last + 1):  # spans an epoch boundary (several when micro > n)
+            sel = pos // self.n == epoch
+            out[sel] = self._perm(epoch)[pos[sel] % self.n]
         return out
 
     def epoch_of(self, k: int) -> float:

@@ -3,7 +3,8 @@
 Reads the resolved spec from ``$ZEROPLANE_SPEC_JSON`` and the job id from ``$ZEROPLANE_JOB_ID``,
 prepares the data once (text -> tokenizer -> token arrays), then runs a Ray Train ``TorchTrainer``
 whose workers run :func:`zeroplane.runtime.train.loop.train_loop_per_worker`. Writes
-``<storage>/jobs/<job_id>/zeroplane_result.json`` at the end and exits non-zero on failure.
+``<storage>/jobs/<job_id>/zeroplane_result.json`` at the end and exits non-zero on failure (without the
+interpreter's module teardown, see :func:`exit_now`).
 """
 
 from __future__ import annotations
@@ -141,5 +142,25 @@ def main() -> int:
             print(f"[zeroplane] could not write {RESULT_FILE}: {e}", file=sys.stderr, flush=True)
 
 
+def exit_now(code: int) -> None:
+    """End the driver process with ``code`` once everything is written, skipping interpreter teardown.
+
+    Python's own exit finalises every module the driver loaded (torch, transformers, Ray Train), which
+    takes seconds on a small machine after the job's work is done. Ray is shut down, logging and the
+    standard streams are flushed, then ``os._exit``.
+    """
+    import logging
+
+    import ray
+
+    try:
+        ray.shutdown()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

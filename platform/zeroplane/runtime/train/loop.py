@@ -12,9 +12,11 @@ Rank 0 prints one progress line per ``log_every_n_steps`` steps::
     ZEROPLANE_PROGRESS {"step": 10, "max_steps": 100, "loss": 6.9, "tokens_per_s": 1400.0, ...}
 
 Events: ``start`` (with ``worker_pids``, the process id of every rank), ``resumed``, ``eval``, ``step``,
-``checkpoint``, ``done``. Every checkpoint's ``meta.json`` also carries the logged loss curve of the whole
-job so far (``loss_curve``: ``[[step, loss], …]``, restored and extended on resume), the worker pids
-and the resumes of this job (``resumes``).
+``checkpoint``, ``done``. Every event carries ``t``, rank 0's wall clock (Unix seconds) when it was
+printed; the last ``step`` event (before the final checkpoint) and ``done`` carry ``peak_rss_mb``, every
+rank's peak resident memory in MB so far. Every checkpoint's ``meta.json`` also carries the logged loss curve of the whole job so far (``loss_curve``:
+``[[step, loss], …]``, restored and extended on resume), the worker pids and the resumes of this job
+(``resumes``).
 
 ``train.stop_after_steps`` ends the run early (with a checkpoint) while the LR schedule still spans
 ``max_steps``, so a later resume continues exactly as an uninterrupted run would.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -34,7 +37,29 @@ PROGRESS_PREFIX = "ZEROPLANE_PROGRESS "
 
 
 def _emit(kind: str, payload: Dict[str, Any]) -> None:
-    print(PROGRESS_PREFIX + json.dumps({"event": kind, **payload}), flush=True)
+    # Written to the stream directly: Ray Train patches print() in workers to log through its logger
+    # and tee to stdout, which would put every progress line in the job log twice.
+    sys.stdout.write(PROGRESS_PREFIX + json.dumps({"event": kind, **payload, "t": round(time.time(), 3)}) + "\n")
+    sys.stdout.flush()
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (``getrusage`` ``ru_maxrss``: KB on Linux, bytes on macOS)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _gather_peak_rss_mb(world: int) -> list:
+    """Every rank's peak RSS in MB, in rank order (a collective: all ranks call it)."""
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.tensor([_peak_rss_mb()], dtype=torch.float64)
+    peaks = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(peaks, mine)
+    return [round(float(p), 1) for p in peaks]
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
@@ -163,6 +188,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             }
             if is_eval:
                 metrics["val_loss"] = val_loss
+            if step == end_step:  # before the final checkpoint: the training peak alone
+                metrics["peak_rss_mb"] = _gather_peak_rss_mb(world)
             if rank == 0:
                 _emit("step", metrics)
             history["train_loss"] = metrics["loss"]
@@ -196,7 +223,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             dist.barrier()
             shutil.rmtree(local, ignore_errors=True)
             window_t0 = time.perf_counter()  # checkpoint time is not training throughput
+    peaks = _gather_peak_rss_mb(world)
     if rank == 0:
         _emit("done", {"step": step, "val_loss_step0": history.get("val_loss_step0"), "val_loss": val_loss,
+                       "peak_rss_mb": peaks,
                        "finished_at": datetime.now(timezone.utc).isoformat()})
     shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""Run every zeroplane benchmark (``make bench``) and write ``bench/results/summary.json`` + one table.
+
+Usage: ``python bench/run_all.py [--only train,memory,control,promote,serve]``.
+
+One local Ray head (``zeroplane.cluster.start_local_head``, state in a temp ``ZEROPLANE_HOME``, free ports) is
+shared by the training, memory, control and promotion benchmarks, each run as its own process; the serving
+benchmark starts its own in-process Ray. The head is stopped at the end (``stop_local_head``: only the
+processes it started). Every figure in the summary is a ratio against a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from _common import BENCH, ENV_ADDRESS, ENV_HOME, RESULTS, bar_plot, log, machine, table
+
+BENCHES = {  # name -> (script, extra args, result file)
+    "train": ("train_bench.py", [], "train_bench.json"),
+    "memory": ("memory_bench.py", [], "memory_bench.json"),
+    "control": ("control_bench.py", [], "control_bench.json"),
+    "promote": ("promote_bench.py", [], "promote_bench.json"),
+    "serve": ("serve_bench.py", ["--requests-per-client", "8", "--single-requests", "20"], None),
+}
+
+
+def newest_serve_result() -> Path | None:
+    found = sorted(RESULTS.glob("serve_bench-*.json"))
+    return found[-1] if found else None
+
+
+def serve_plot(res: Dict[str, Any]) -> Path:
+    rows = res["serve"]
+    labels = [f"batch {r['max_batch_size']}, {r['clients']} client{'s' if r['clients'] > 1 else ''}" for r in rows]
+    return bar_plot("serve_bench", "Ray Serve: requests/s", labels, {"req/s": [r["req_per_s"] for r in rows]}, "req/s")
+
+
+def summarize(results: Dict[str, Any]) -> List[List[Any]]:
+    """``[benchmark, measure, ratio, meaning]`` rows from the individual result files."""
+    rows: List[List[Any]] = []
+    if (r := results.get("train")):
+        q = r["ratios"]
+        rows.append(["train", "tokens/s zeroplane / raw Ray Train+DeepSpeed", q["zeroplane_over_raw_ray_train"],
+                     "goal >= 0.97"])
+        rows.append(["train", "tokens/s zeroplane / plain PyTorch (1 process)", q["zeroplane_over_plain_pytorch"], ""])
+        z = r["rows"][0]
+        rows.append(["train", "zeroplane model FLOP/s / matmul peak (all threads)", z["mfu_vs_all_thread_peak"],
+                     f"{z['model_flop_per_s'] / 1e9:.1f} GFLOP/s"])
+        rows.append(["train", "zeroplane model FLOP/s / 2 x 1-thread peak", z["mfu_vs_2x_one_thread_peak"], ""])
+    if (r := results.get("memory")):
+        for x in r["runs"]:
+            rows.append(["memory", f"{x['label']}: (peak RSS - baseline) / ZeRO formula", x["measured_over_paper"],
+                         f"{x['model_state_rss_mb']:.0f} / {x['paper_model_state_mb']:.0f} MB"])
+    if (r := results.get("control")):
+        q = r["ratios"]
+        rows.append(["control", "submit -> first step, zeroplane / raw", q["submit_to_first_step_zeroplane_over_raw"],
+                     f"{r['zeroplane']['submit_to_first_step_s']:.1f} s vs {r['raw_ray_train']['submit_to_first_step_s']:.1f} s"])
+        rows.append(["control", "last step -> job ended, zeroplane / raw", q["last_step_to_end_zeroplane_over_raw"],
+                     f"{r['zeroplane']['last_step_to_end_s']:.1f} s vs {r['raw_ray_train']['last_step_to_end_s']:.1f} s"])
+    if (r := results.get("promote")):
+        rows.append(["promote", "consolidate + verify time / copytree time",
+                     r["ratios"]["consolidate_verify_over_copytree_time"],
+                     f"{r['mb_per_s']['consolidate + verify']:.0f} vs {r['mb_per_s']['copytree (baseline)']:.0f} MB/s "
+                     f"({r['checkpoint']['mb']:.0f} MB)"])
+    if (r := results.get("serve")):
+        rows.append(["serve", "p50 Serve path / in-process generate (1 client)", r["serve_over_in_process_p50_ratio"],
+                     f"{r['serve_added_p50_ms']:+.1f} ms"])
+        by = {(x["max_batch_size"], x["clients"]): x for x in r["serve"]}
+        if (1, 16) in by and (8, 16) in by:
+            rows.append(["serve", "req/s batch 8 / batch 1 (16 clients)", by[8, 16]["req_per_s"] / by[1, 16]["req_per_s"], ""])
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(BENCHES), help="Comma-separated subset of " + ",".join(BENCHES))
+    args = ap.parse_args()
+    chosen = [b.strip() for b in args.only.split(",") if b.strip()]
+    unknown = set(chosen) - set(BENCHES)
+    if unknown:
+        ap.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHES)}")
+
+    from zeroplane.cluster import start_local_head, stop_local_head
+
+    t0 = time.monotonic()
+    results: Dict[str, Any] = {}
+    wall: Dict[str, float] = {}
+    failed: Dict[str, str] = {}
+    home = tempfile.mkdtemp(prefix="zp-bench-")
+    os.environ["ZEROPLANE_HOME"] = home
+    needs_head = any(b != "serve" for b in chosen)
+    try:
+        if needs_head:
+            info = start_local_head(num_cpus=4)
+            log(f"shared local Ray head {info.dashboard_url}")
+        env = {**os.environ, ENV_HOME: home, **({ENV_ADDRESS: info.dashboard_url} if needs_head else {})}
+        for name in chosen:
+            script, extra, result_file = BENCHES[name]
+            log(f"== {name}: python bench/{script} {' '.join(extra)}")
+            before = newest_serve_result()
+            t = time.monotonic()
+            proc = subprocess.run([sys.executable, str(BENCH / script), *extra], env=env, cwd=BENCH.parent)
+            wall[name] = round(time.monotonic() - t, 1)
+            path = (RESULTS / result_file) if result_file else newest_serve_result()
+            if proc.returncode != 0 or path is None or (result_file is None and path == before):
+                failed[name] = f"exit code {proc.returncode}"
+                log(f"{name} FAILED ({failed[name]})")
+                continue
+            results[name] = json.loads(path.read_text())
+            if name == "serve":
+                serve_plot(results[name])
+    finally:
+        if needs_head:
+            stop_local_head()
+        shutil.rmtree(home, ignore_errors=True)
+
+    rows = summarize(results)
+    summary = {"machine": machine(), "wall_s": wall, "total_s": round(time.monotonic() - t0, 1), "failed": failed,
+               "rows": [dict(zip(["benchmark", "measure", "ratio", "note"], r)) for r in rows],
+               "results": {k: f"bench/results/{BENCHES[k][2] or 'serve_bench-*.json'}" for k in results}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nzeroplane benchmarks on {machine()['cpus']} CPUs (CPU only, shared): ratios against baselines "
+          "measured in the same run")
+    print(table(["benchmark", "measure", "ratio", "note"], rows))
+    print(f"per benchmark (s): {wall}; total {summary['total_s']:.0f} s; plots in bench/results/*.png")
+    if failed:
+        print(f"FAILED: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
