@@ -88,10 +88,46 @@ class Client:
         storage = Storage.for_checkpoint_spec(spec.checkpoint)
         if storage.is_local and not spec.checkpoint.shared_filesystem:
             self._check_single_node(storage)
+        if os.environ.get("ZEROPLANE_SKIP_RESOURCE_CHECK") != "1":
+            self._check_resources(spec)
         preflight_storage(storage)
         job_id = job_id or new_job_id(spec.name)
         self.jobs.submit(build_request(spec, job_id))
         return {"job_id": job_id, "storage": storage.uri_of(storage.path("jobs", job_id))}
+
+    def _check_resources(self, spec: JobSpec) -> None:
+        """Refuse a job whose workers cannot fit the cluster as it is now: one worker's CPUs/GPUs above
+        every node's, or all workers' CPUs/GPUs above the cluster's total. Ray would otherwise keep the
+        job waiting for workers without end. An autoscaling cluster that will grow: set
+        ``ZEROPLANE_SKIP_RESOURCE_CHECK=1``. A cluster whose resources cannot be read is not refused.
+
+        Raises:
+            ZeroplaneError: naming the field, what the job needs and what the cluster has.
+        """
+        from .cluster import cluster_status
+
+        nodes = [n for n in cluster_status(self.cluster).get("nodes", []) if n.get("alive")]
+        if not nodes:
+            return
+        s = spec.scaling
+        per_worker = {"CPU": float(s.resources_per_worker.get("CPU", 1)),
+                      "GPU": float(s.resources_per_worker.get("GPU", 1 if s.use_gpu else 0))}
+        for kind, key in (("CPU", "cpus"), ("GPU", "gpus")):
+            need = per_worker[kind]
+            if need <= 0:
+                continue
+            biggest = max(float(n.get(key) or 0) for n in nodes)
+            total = sum(float(n.get(key) or 0) for n in nodes)
+            where = f"the cluster at {self.cluster.dashboard_url}"
+            if need > biggest:
+                raise ZeroplaneError(
+                    f"scaling.resources_per_worker.{kind}={need:g}: no node of {where} has that many "
+                    f"(largest: {biggest:g}); lower it (or ZEROPLANE_SKIP_RESOURCE_CHECK=1 for an autoscaling cluster)")
+            if need * s.num_workers > total:
+                raise ZeroplaneError(
+                    f"scaling.num_workers={s.num_workers} x {need:g} {kind} = {need * s.num_workers:g} {kind}, but {where} "
+                    f"has {total:g}; lower scaling.num_workers or resources_per_worker "
+                    "(or ZEROPLANE_SKIP_RESOURCE_CHECK=1 for an autoscaling cluster)")
 
     def _check_single_node(self, storage: Storage) -> None:
         """Refuse a node-local storage folder when the cluster has more than one alive node.

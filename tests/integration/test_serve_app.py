@@ -200,6 +200,9 @@ def test_auth_rejects_missing_wrong_and_malformed_keys(server):
         ({"json": {"prompt": "hi", "max_tokens": MAX_TOKENS_CAP + 1}}, 400, ["max_tokens", str(MAX_TOKENS_CAP)]),
         ({"json": {"prompt": "hi", "max_tokens": "abc"}}, 400, ["max_tokens", "abc"]),
         ({"json": {"prompt": "hi", "max_tokens": 0}}, 400, ["max_tokens"]),
+        ({"content": b'{"prompt": "\\ud800 abc", "max_tokens": 2}'}, 400, ["surrogate"]),
+        ({"content": b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}"}, 400, ["JSON"]),
+        ({"content": b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"}, 400, ["JSON"]),
         ({"json": {"prompt": "hi", "temperature": -1}}, 400, ["temperature"]),
         ({"json": {"prompt": "hi", "top_p": 0}}, 400, ["top_p"]),
         ({"json": {"prompt": "hi", "stop": ""}}, 400, ["stop"]),
@@ -391,6 +394,13 @@ def test_n_choices_and_summed_usage(server):
     )
     # choice i is the single answer seeded seed + i
     assert out["choices"][1]["text"] == _complete(server, {**body, "n": 1, "seed": 8}).json()["choices"][0]["text"]
+
+
+def test_top_p_below_float32_range_still_streams(server):
+    body = {"prompt": "The", "max_tokens": 3, "stream": True, "temperature": 1, "top_p": 1e-300, "seed": 1}
+    resp = server.client.post("/v1/completions", headers=_auth(server.key), json=body)
+    assert resp.status_code == 200
+    assert resp.text.rstrip().endswith("data: [DONE]")
 
 
 def test_client_disconnect_mid_stream_leaves_the_replica_serving(server):

@@ -340,3 +340,15 @@ def test_storage_of_checkpoint_path_finds_the_root_and_rejects_other_paths(tmp_p
     for bad in (f"{tmp_path}/jobs/j-1", f"{tmp_path}/models/m/checkpoint_step_0000010", "checkpoint_step_1"):
         with pytest.raises(SpecError, match="not a checkpoint folder"):
             storage_of_checkpoint_path(bad)
+
+
+def test_promote_refuses_inverted_replica_bounds_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from zeroplane.cli.main import main
+
+    r = CliRunner().invoke(main, ["promote", "somejob", "--name", "tiny", "--storage", str(tmp_path),
+                                  "--min-replicas", "5", "--max-replicas", "2"])
+    assert r.exit_code == 2
+    assert "--min-replicas 5 is above --max-replicas 2" in r.output
+    assert not (tmp_path / "models").exists()

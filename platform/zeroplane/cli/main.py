@@ -201,7 +201,7 @@ def train_submit(file, overrides, dry_run, wait, timeout_s, address, output) -> 
         return _json(res)
     _err(f"submitted {job_id} to {zp.cluster.dashboard_url}; checkpoints in {res['storage']}")
     if wait:
-        status = _follow(zp, job_id, s.train.max_steps, timeout_s)
+        status = _follow(zp, job_id, s.train.max_steps, timeout_s, err=output == "json")
         if output == "json":
             _json(zp.status(job_id))
         if status != "SUCCEEDED":
@@ -211,7 +211,7 @@ def train_submit(file, overrides, dry_run, wait, timeout_s, address, output) -> 
         click.echo(job_id)
 
 
-def _follow(zp, job_id: str, max_steps: int, timeout_s: Optional[float] = None) -> str:
+def _follow(zp, job_id: str, max_steps: int, timeout_s: Optional[float] = None, err: bool = False) -> str:
     """Live progress bar (step, loss, tokens/s) until the job ends; returns its status.
 
     Raises:
@@ -250,9 +250,9 @@ def _follow(zp, job_id: str, max_steps: int, timeout_s: Optional[float] = None) 
     done = state.get("done")
     if done:
         click.echo(f"{job_id} {status}: validation loss {_fmt(done.get('val_loss_step0'), 4)} at step 0 -> "
-                   f"{_fmt(done.get('val_loss'), 4)} at step {done.get('step')}")
+                   f"{_fmt(done.get('val_loss'), 4)} at step {done.get('step')}", err=err)
     else:
-        click.echo(f"{job_id} {status}")
+        click.echo(f"{job_id} {status}", err=err)
     return status
 
 
@@ -306,7 +306,7 @@ def train_resume(job_id, overrides, wait, timeout_s, address, output) -> None:
     start = f"step {res['resume_step']}" if res["resume_step"] is not None else "step 0 (no complete checkpoint yet)"
     _err(f"submitted {sub}: resumes job {res['zeroplane_job_id']} from {start}; checkpoints in {res['storage']}")
     if wait:
-        status = _follow(zp, sub, zp.spec_of(sub).train.max_steps, timeout_s)
+        status = _follow(zp, sub, zp.spec_of(sub).train.max_steps, timeout_s, err=output == "json")
         if output == "json":
             _json(zp.status(sub))
         if status != "SUCCEEDED":
@@ -421,6 +421,10 @@ def _autoscaling_overrides(min_replicas, max_replicas, target_ongoing_requests, 
     for k, v in given.items():
         if v is not None and v < 0:
             raise SpecError(f"--{k.replace('_', '-')} {v}: must be >= 0")
+    if min_replicas is not None and max_replicas is not None and min_replicas > max_replicas:
+        raise SpecError(f"--min-replicas {min_replicas} is above --max-replicas {max_replicas}; raise --max-replicas")
+    if max_replicas is not None and max_replicas < 1:
+        raise SpecError(f"--max-replicas {max_replicas}: must be >= 1")
     return {"autoscaling": {k: v for k, v in given.items() if v is not None}}
 
 

@@ -142,11 +142,15 @@ def load_spec(path: str | os.PathLike, overrides: Optional[List[str]] = None) ->
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"spec file {str(p)!r} is not UTF-8 text; give a YAML job spec (see jobs/)") from None
     except OSError as e:
         raise SpecError(f"spec file {str(p)!r}: {e.strerror or e}; give the path of a YAML job spec (see jobs/)") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError(f"{p}: YAML nested too deeply to be a job spec") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:

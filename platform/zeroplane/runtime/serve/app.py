@@ -881,9 +881,19 @@ class _ModelCore:
         if not raw.strip():
             raise APIError(400, "request body is empty; send a JSON object (see the OpenAI API for the fields)")
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer of thousands of digits, deep nesting
+            raise APIError(400, f"request body is not acceptable JSON: {str(e)[:200]}") from None
+        try:  # "\ud800" escapes decode to unpaired surrogates, which no tokenizer can take
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "request body contains an unpaired UTF-16 surrogate escape (e.g. \\ud800); "
+                                "send valid Unicode text") from None
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply") from None
+        return body
 
     def _validate(self, body: Any, kind: str) -> Union[CompletionRequest, ChatCompletionRequest]:
         cap = self._args.max_tokens_cap
@@ -1121,6 +1131,7 @@ class _ModelCore:
                 if p.top_p < 1.0:
                     sorted_probs, order = torch.sort(probs, descending=True)
                     keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < p.top_p
+                    keep[0] = True  # a top_p below float32's range still keeps the likeliest token
                     probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
                 token = int(torch.multinomial(probs, 1, generator=state.generator))
             state.next_input = torch.tensor([[token]], dtype=torch.long)
