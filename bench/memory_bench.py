@@ -1,6 +1,6 @@
 """Memory per training worker by ZeRO stage: measured peak RSS against the ZeRO paper's model-state formula.
 
-Usage: ``python bench/memory_bench.py [--preset medium] [--steps 3] [--parallel 3]``.
+Usage: ``python bench/memory_bench.py [--preset medium] [--steps 2] [--parallel 2]``.
 
 Each configuration is a zeroplane job (``jobs/pydoc-gpt.yaml`` with ``model.preset`` = ``--preset``, 2
 workers, fp32, 2 sequences × 128 tokens per worker so that model states dominate activations, a few steps
@@ -47,7 +47,7 @@ def run_one(zp, label: str, preset: str, stage: int, offload: str, steps: int, s
 
     overrides = [f"model.preset={preset}", f"deepspeed.zero_stage={stage}", f"deepspeed.offload_optimizer={offload}",
                  f"checkpoint.storage_path={store}", f"train.max_steps={steps}", "train.warmup_steps=1",
-                 "train.micro_batch_size_per_worker=2", "data.seq_len=128", "data.max_chars=400000",
+                 "train.micro_batch_size_per_worker=2", "data.seq_len=128", "data.max_chars=200000",
                  "train.eval_batches=1", "checkpoint.every_n_steps=1000000", "train.eval_every_n_steps=1000000",
                  "failure.max_failures=0"]
     t = time.monotonic()
@@ -69,7 +69,7 @@ def run_one(zp, label: str, preset: str, stage: int, offload: str, steps: int, s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="medium", help="Model preset of the measured jobs (default medium, ~30 M).")
-    ap.add_argument("--steps", type=int, default=3, help="Training steps per job (default 3).")
+    ap.add_argument("--steps", type=int, default=2, help="Training steps per job (default 2).")
     ap.add_argument("--parallel", type=int, default=2, help="Jobs at once (2 workers each; default 2).")
     args = ap.parse_args()
 

@@ -1,6 +1,6 @@
 """Promotion: consolidation + verification of a ZeRO checkpoint against a plain copy of the same bytes.
 
-Usage: ``python bench/promote_bench.py [--preset small] [--stage 2] [--repeats 3]``.
+Usage: ``python bench/promote_bench.py [--preset small] [--stage 2] [--repeats 2]``.
 
 A zeroplane job (``jobs/pydoc-gpt.yaml``, the given preset and ZeRO stage, 2 workers, 2 steps) writes one
 checkpoint to a temp storage folder on a local Ray head. Then, in this process, each ``--repeats`` times
@@ -41,7 +41,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small", help="Model preset (default small: the demo model).")
     ap.add_argument("--stage", type=int, default=2, help="ZeRO stage of the checkpoint (default 2).")
-    ap.add_argument("--repeats", type=int, default=3, help="Timed rounds; medians count (default 3).")
+    ap.add_argument("--repeats", type=int, default=2, help="Timed rounds; medians count (default 2).")
     args = ap.parse_args()
 
     from zeroplane.checkpoints import latest_complete

@@ -24,7 +24,7 @@ from typing import Any, Dict, List
 from _common import BENCH, ENV_ADDRESS, ENV_HOME, RESULTS, bar_plot, log, machine, table
 
 BENCHES = {  # name -> (script, extra args, result file)
-    "train": ("train_bench.py", [], "train_bench.json"),
+    "train": ("train_bench.py", ["--warmup", "2", "--steps", "20"], "train_bench.json"),
     "memory": ("memory_bench.py", [], "memory_bench.json"),
     "control": ("control_bench.py", [], "control_bench.json"),
     "promote": ("promote_bench.py", [], "promote_bench.json"),
