@@ -216,7 +216,8 @@ def test_auth_rejects_missing_wrong_and_malformed_keys(server):
     ],
     ids=[
         "empty-body", "not-json", "not-an-object", "prompt-missing", "prompt-empty", "prompt-int",
-        "prompt-two", "max-tokens-over-cap", "max-tokens-string", "max-tokens-zero", "temperature-negative",
+        "prompt-two", "max-tokens-over-cap", "max-tokens-string", "max-tokens-zero", "lone-surrogate",
+        "huge-integer", "deep-nesting", "temperature-negative",
         "top-p-zero", "stop-empty", "stream-string", "stream-n-2", "n-5", "stream-options-without-stream",
         "unknown-field", "prompt-too-long", "unknown-model",
     ],
