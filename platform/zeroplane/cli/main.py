@@ -200,15 +200,21 @@ def train_submit(file, overrides, dry_run, wait, timeout_s, address, output) -> 
     if output == "json" and not wait:
         return _json(res)
     _err(f"submitted {job_id} to {zp.cluster.dashboard_url}; checkpoints in {res['storage']}")
-    if wait:
-        status = _follow(zp, job_id, s.train.max_steps, timeout_s, err=output == "json")
-        if output == "json":
-            _json(zp.status(job_id))
-        if status != "SUCCEEDED":
-            raise ZeroplaneError(f"job {job_id} {status}: {zp.jobs.info(job_id).get('message') or ''} "
-                                 f"(`zeroplane train logs {job_id}`)")
-    else:
+    _wait_or_print(zp, job_id, s.train.max_steps, wait, timeout_s, output)
+
+
+def _wait_or_print(zp, job_id: str, max_steps: int, wait: bool, timeout_s: Optional[float], output: str) -> None:
+    """After a submission: follow the job to its end (exit 1 unless it SUCCEEDED; ``-o json`` prints its
+    final status), or just print its id."""
+    if not wait:
         click.echo(job_id)
+        return
+    status = _follow(zp, job_id, max_steps, timeout_s, err=output == "json")
+    if output == "json":
+        _json(zp.status(job_id))
+    if status != "SUCCEEDED":
+        raise ZeroplaneError(f"job {job_id} {status}: {zp.jobs.info(job_id).get('message') or ''} "
+                             f"(`zeroplane train logs {job_id}`)")
 
 
 def _follow(zp, job_id: str, max_steps: int, timeout_s: Optional[float] = None, err: bool = False) -> str:
@@ -305,15 +311,7 @@ def train_resume(job_id, overrides, wait, timeout_s, address, output) -> None:
         return _json(res)
     start = f"step {res['resume_step']}" if res["resume_step"] is not None else "step 0 (no complete checkpoint yet)"
     _err(f"submitted {sub}: resumes job {res['zeroplane_job_id']} from {start}; checkpoints in {res['storage']}")
-    if wait:
-        status = _follow(zp, sub, zp.spec_of(sub).train.max_steps, timeout_s, err=output == "json")
-        if output == "json":
-            _json(zp.status(sub))
-        if status != "SUCCEEDED":
-            raise ZeroplaneError(f"job {sub} {status}: {zp.jobs.info(sub).get('message') or ''} "
-                                 f"(`zeroplane train logs {sub}`)")
-    else:
-        click.echo(sub)
+    _wait_or_print(zp, sub, zp.spec_of(sub).train.max_steps if wait else 0, wait, timeout_s, output)
 
 
 @train.command("status")
