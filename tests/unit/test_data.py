@@ -177,3 +177,65 @@ def test_tokenize_split_needs_one_training_sequence_too(tok, text):
     just_val = tok.decode(ids[: seq_len + 10])  # enough for validation, not for training as well
     with pytest.raises(SpecError, match=r"give 0 training and 1 validation"):
         tokenize_split(tok, just_val, seq_len, 0.05)
+
+
+# ---------------------------------------------------------------- tokenizer cache (driver)
+
+
+def _cache_files(storage) -> list:
+    return sorted(storage.listdir(storage.path("cache", "tokenizers")))
+
+
+def test_bpe_cache_miss_then_hit_gives_the_same_tokenizer(tmp_path, text, capsys):
+    from zeroplane.runtime.train.data import tokenizer_files
+    from zeroplane.runtime.train.driver import cached_bpe_tokenizer
+    from zeroplane.spec.model import TrainBPE
+    from zeroplane.storage import Storage
+
+    storage = Storage.from_uri(str(tmp_path / "store"))
+    settings = TrainBPE(vocab_size=300, min_frequency=2)
+    first, files1, origin1 = cached_bpe_tokenizer(storage, settings, text)
+    assert origin1.startswith("BPE trained")
+    assert len(_cache_files(storage)) == 1
+    second, files2, origin2 = cached_bpe_tokenizer(storage, settings, text)
+    assert origin2.startswith("BPE from cache")
+    assert files2 == files1 == tokenizer_files(first)  # what a job saves with its checkpoints
+    assert second.get_vocab() == first.get_vocab()
+    assert second(text[:500])["input_ids"] == first(text[:500])["input_ids"]
+    # other text or other settings: a new entry, not the cached tokenizer
+    _, _, origin3 = cached_bpe_tokenizer(storage, TrainBPE(vocab_size=320, min_frequency=2), text)
+    _, _, origin4 = cached_bpe_tokenizer(storage, settings, text[:-1])
+    assert origin3.startswith("BPE trained") and origin4.startswith("BPE trained")
+    assert len(_cache_files(storage)) == 3
+
+
+def test_damaged_bpe_cache_entry_is_retrained_and_rewritten(tmp_path, text, capsys):
+    from zeroplane.runtime.train.driver import cached_bpe_tokenizer
+    from zeroplane.spec.model import TrainBPE
+    from zeroplane.storage import Storage
+
+    storage = Storage.from_uri(str(tmp_path / "store"))
+    settings = TrainBPE(vocab_size=300, min_frequency=2)
+    _, good, _ = cached_bpe_tokenizer(storage, settings, text)
+    (entry,) = _cache_files(storage)
+    path = storage.path("cache", "tokenizers", entry)
+    for damage in (b'{"tokenizer.json": "{not json', b"", b'{"tokenizer.json": "{}"}'):
+        storage.write_bytes(path, damage)
+        _, again, origin = cached_bpe_tokenizer(storage, settings, text)
+        assert origin.startswith("BPE trained"), damage
+        assert "unreadable" in capsys.readouterr().out
+        assert again == good
+        assert storage.read_json(path) == good  # rewritten whole
+
+
+def test_bpe_cache_on_s3(s3_bucket, text):
+    from zeroplane.runtime.train.driver import cached_bpe_tokenizer
+    from zeroplane.spec.model import TrainBPE
+    from zeroplane.storage import Storage
+
+    storage = Storage.from_uri(f"s3://{s3_bucket}/runs")
+    settings = TrainBPE(vocab_size=300, min_frequency=2)
+    _, files1, origin1 = cached_bpe_tokenizer(storage, settings, text)
+    _, files2, origin2 = cached_bpe_tokenizer(storage, settings, text)
+    assert files1 == files2
+    assert origin1.startswith("BPE trained") and origin2.startswith("BPE from cache")
