@@ -135,6 +135,75 @@ def wait_job(zp, job_id: str, timeout_s: float = 900, poll_s: float = 0.5) -> Di
             "end_time": info.end_time / 1e3}
 
 
+def _deltas(t0: float, marks: Dict[str, float]) -> Dict[str, float]:
+    """Seconds of each phase: from the previous mark (the first from ``t0``) to this one."""
+    out, prev = {}, t0
+    for k, v in marks.items():
+        out[k] = round(v - prev, 3)
+        prev = v
+    return out
+
+
+def zeroplane_job(zp, spec_file: str, overrides: Sequence[str]) -> Dict[str, Any]:
+    """Submit a zeroplane job through the SDK, wait for it, and time it from its progress events.
+
+    Returns ``{"job_id", "parameters", "step_times": {step: t}, "submit_to_first_step_s",
+    "last_step_to_end_s", "breakdown_to_first_step_s", "breakdown_after_last_step_s"}``: ``t`` are Unix
+    seconds (rank 0's clock, the end of each step); submission is timed here around ``Client.submit``
+    (storage preflight + ``JobSubmissionClient.submit_job`` with the package as ``py_modules``); the end is
+    Ray's own ``end_time`` of the job.
+
+    Raises:
+        RuntimeError: the job did not succeed (see :func:`wait_job`).
+    """
+    from zeroplane.sdk import parse_progress
+
+    t_submit = time.time()
+    job = submit_zeroplane(zp, spec_file, overrides)
+    t_submitted = time.time()
+    done = wait_job(zp, job)
+    evs = parse_progress(done["logs"])
+    first = lambda kind: next(e for e in evs if e["event"] == kind)  # noqa: E731
+    steps = [e for e in evs if e["event"] == "step"]
+    marks = {"submit call": t_submitted, "driver, data, workers up, DeepSpeed initialised": first("start")["t"]}
+    if any(e["event"] == "eval" for e in evs):
+        marks["step-0 evaluation"] = first("eval")["t"]
+    marks["first step"] = steps[0]["t"]
+    tail = {"last step": steps[-1]["t"], "checkpoint written": first("checkpoint")["t"],
+            "done event": first("done")["t"], "job ended (Ray)": done["end_time"]}
+    data_line = next((ln for ln in done["logs"].splitlines() if "[zeroplane] data:" in ln), "")
+    return {"job_id": job, "parameters": first("start")["parameters"], "data": data_line.strip(),
+            "step_times": {e["step"]: e["t"] for e in steps},
+            "submit_to_first_step_s": steps[0]["t"] - t_submit, "last_step_to_end_s": done["end_time"] - steps[-1]["t"],
+            "breakdown_to_first_step_s": _deltas(t_submit, marks),
+            "breakdown_after_last_step_s": _deltas(steps[-1]["t"], tail)}
+
+
+def raw_job(zp, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Submit raw_ray_train.py with ``$RAW_TRAIN_CONFIG`` = ``cfg``, wait, and time it like
+    :func:`zeroplane_job` (same keys; its step 0 line is printed after ``deepspeed.initialize``)."""
+    t_submit = time.time()
+    job = submit_raw(zp, cfg)
+    t_submitted = time.time()
+    done = wait_job(zp, job)
+    evs = raw_events(done["logs"])
+    marks = {"submit call": t_submitted, "driver, workers up, DeepSpeed initialised": evs[0]["t"],
+             "first step": evs[1]["t"]}
+    return {"job_id": job, "parameters": evs[0]["parameters"], "step_times": {e["step"]: e["t"] for e in evs[1:]},
+            "submit_to_first_step_s": evs[1]["t"] - t_submit, "last_step_to_end_s": done["end_time"] - evs[-1]["t"],
+            "breakdown_to_first_step_s": _deltas(t_submit, marks),
+            "breakdown_after_last_step_s": _deltas(evs[-1]["t"], {"job ended (Ray)": done["end_time"]})}
+
+
+def warm_submission_imports() -> None:
+    """Import what both kinds of submission use (``ray.job_submission``, the SDK, transformers' config
+    classes), so that the first timed submission of either kind does not pay for it."""
+    import ray.job_submission  # noqa: F401
+    import zeroplane.backends.rayjobs  # noqa: F401
+    import zeroplane.sdk  # noqa: F401
+    from zeroplane.spec.deepspeed import build_deepspeed_config  # noqa: F401
+
+
 def window_rate(step_times: Dict[int, float], first: int, last: int, tokens_per_step: int) -> Dict[str, float]:
     """Throughput over the steps ``first+1 … last`` from the times their step events were printed (each
     after its step had ended).

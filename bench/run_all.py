@@ -1,6 +1,8 @@
-"""Run every zeroplane benchmark (``make bench``) and write ``bench/results/summary.json`` + one table.
+"""Run every zeroplane benchmark (``make bench``) and write ``bench/results/summary.json``, ``summary.png``
+and one table.
 
-Usage: ``python bench/run_all.py [--only train,memory,control,promote,serve]``.
+Usage: ``python bench/run_all.py [--only train,memory,promote,serve]`` (the default set; ``control`` runs
+bench/control_bench.py's own short jobs, which the default set replaces by the training benchmark's jobs).
 
 One local Ray head (``zeroplane.cluster.start_local_head``, state in a temp ``ZEROPLANE_HOME``, free ports) is
 shared by the training, memory, control and promotion benchmarks, each run as its own process; the serving
@@ -21,26 +23,19 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from _common import BENCH, ENV_ADDRESS, ENV_HOME, RESULTS, bar_plot, log, machine, table
+from _common import BENCH, ENV_ADDRESS, ENV_HOME, RESULTS, log, machine, table
 
-BENCHES = {  # name -> (script, extra args, result file)
-    "train": ("train_bench.py", ["--warmup", "2", "--steps", "20"], "train_bench.json"),
-    "memory": ("memory_bench.py", [], "memory_bench.json"),
-    "control": ("control_bench.py", [], "control_bench.json"),
-    "promote": ("promote_bench.py", [], "promote_bench.json"),
-    "serve": ("serve_bench.py", ["--requests-per-client", "8", "--single-requests", "20"], None),
+BENCHES = {  # name -> (script, extra args, result files under bench/results/)
+    # train_bench.py also times job control (submission -> first step, last step -> end) on its own jobs
+    # and writes control_bench.json; control_bench.py alone runs separate short jobs (--only control).
+    "train": ("train_bench.py", ["--warmup", "2", "--steps", "20", "--repeats", "2"],
+              ["train_bench.json", "control_bench.json"]),
+    "memory": ("memory_bench.py", [], ["memory_bench.json"]),
+    "control": ("control_bench.py", [], ["control_bench.json"]),
+    "promote": ("promote_bench.py", [], ["promote_bench.json"]),
+    "serve": ("serve_bench.py", ["--requests-per-client", "8", "--single-requests", "20"], ["serve_bench.json"]),
 }
-
-
-def newest_serve_result() -> Path | None:
-    found = sorted(RESULTS.glob("serve_bench-*.json"))
-    return found[-1] if found else None
-
-
-def serve_plot(res: Dict[str, Any]) -> Path:
-    rows = res["serve"]
-    labels = [f"batch {r['max_batch_size']}, {r['clients']} client{'s' if r['clients'] > 1 else ''}" for r in rows]
-    return bar_plot("serve_bench", "Ray Serve: requests/s", labels, {"req/s": [r["req_per_s"] for r in rows]}, "req/s")
+DEFAULT = ["train", "memory", "promote", "serve"]
 
 
 def summarize(results: Dict[str, Any]) -> List[List[Any]]:
@@ -74,14 +69,43 @@ def summarize(results: Dict[str, Any]) -> List[List[Any]]:
         rows.append(["serve", "p50 Serve path / in-process generate (1 client)", r["serve_over_in_process_p50_ratio"],
                      f"{r['serve_added_p50_ms']:+.1f} ms"])
         by = {(x["max_batch_size"], x["clients"]): x for x in r["serve"]}
+        if (8, 16) in by:
+            x = by[8, 16]
+            rows.append(["serve", "req/s Serve (batch 8, 16 clients) / in-process generate", x["req_per_s_over_in_process"],
+                         f"{x['req_per_s']:.1f} vs {r['in_process_generate']['req_per_s']:.1f} req/s, p99 {x['p99_ms']:.0f} ms"])
         if (1, 16) in by and (8, 16) in by:
             rows.append(["serve", "req/s batch 8 / batch 1 (16 clients)", by[8, 16]["req_per_s"] / by[1, 16]["req_per_s"], ""])
     return rows
 
 
+def summary_plot(rows: List[List[Any]]) -> Path:
+    """``bench/results/summary.png``: every ratio of the summary as a horizontal bar, 1.0 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r[0]}: {r[1]}" for r in rows][::-1]
+    values = [float(r[2]) for r in rows][::-1]
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.2))
+    bars = ax.barh(range(len(rows)), values, color="tab:blue")
+    ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("ratio against the baseline measured in the same run (log scale; 1 = equal)")
+    ax.set_title(f"zeroplane benchmarks, {machine()['cpus']} CPUs, CPU only", fontsize=10)
+    fig.tight_layout()
+    path = RESULTS / "summary.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=",".join(BENCHES), help="Comma-separated subset of " + ",".join(BENCHES))
+    ap.add_argument("--only", default=",".join(DEFAULT),
+                    help=f"Comma-separated subset of {','.join(BENCHES)} (default {','.join(DEFAULT)})")
     args = ap.parse_args()
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = set(chosen) - set(BENCHES)
@@ -94,6 +118,8 @@ def main() -> int:
     results: Dict[str, Any] = {}
     wall: Dict[str, float] = {}
     failed: Dict[str, str] = {}
+    sources: Dict[str, str] = {}
+    started = time.time()
     home = tempfile.mkdtemp(prefix="zp-bench-")
     os.environ["ZEROPLANE_HOME"] = home
     needs_head = any(b != "serve" for b in chosen)
@@ -103,20 +129,21 @@ def main() -> int:
             log(f"shared local Ray head {info.dashboard_url}")
         env = {**os.environ, ENV_HOME: home, **({ENV_ADDRESS: info.dashboard_url} if needs_head else {})}
         for name in chosen:
-            script, extra, result_file = BENCHES[name]
+            script, extra, result_files = BENCHES[name]
             log(f"== {name}: python bench/{script} {' '.join(extra)}")
-            before = newest_serve_result()
             t = time.monotonic()
             proc = subprocess.run([sys.executable, str(BENCH / script), *extra], env=env, cwd=BENCH.parent)
             wall[name] = round(time.monotonic() - t, 1)
-            path = (RESULTS / result_file) if result_file else newest_serve_result()
-            if proc.returncode != 0 or path is None or (result_file is None and path == before):
-                failed[name] = f"exit code {proc.returncode}"
+            paths = [RESULTS / f for f in result_files]
+            stale = [p for p in paths if not p.exists() or p.stat().st_mtime < started]
+            if proc.returncode != 0 or stale:
+                failed[name] = f"exit code {proc.returncode}" + (f", no fresh {[str(p) for p in stale]}" if stale else "")
                 log(f"{name} FAILED ({failed[name]})")
                 continue
-            results[name] = json.loads(path.read_text())
-            if name == "serve":
-                serve_plot(results[name])
+            for p in paths:
+                key = p.name.removesuffix("_bench.json")
+                results[key] = json.loads(p.read_text())
+                sources[key] = str(p.relative_to(BENCH.parent))
     finally:
         if needs_head:
             stop_local_head()
@@ -125,9 +152,11 @@ def main() -> int:
     rows = summarize(results)
     summary = {"machine": machine(), "wall_s": wall, "total_s": round(time.monotonic() - t0, 1), "failed": failed,
                "rows": [dict(zip(["benchmark", "measure", "ratio", "note"], r)) for r in rows],
-               "results": {k: f"bench/results/{BENCHES[k][2] or 'serve_bench-*.json'}" for k in results}}
+               "results": sources}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2))
+    if rows:
+        summary_plot(rows)
     print(f"\nzeroplane benchmarks on {machine()['cpus']} CPUs (CPU only, shared): ratios against baselines "
           "measured in the same run")
     print(table(["benchmark", "measure", "ratio", "note"], rows))

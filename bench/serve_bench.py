@@ -1,29 +1,29 @@
 """Serving benchmark: requests/s and p50/p99 latency of the zeroplane Serve app over real HTTP, for 1 and 16
 concurrent clients, with batching off (max_batch_size 1) and on (max_batch_size 8), and the latency the Serve
-path adds over calling the same model's ``generate`` in this process (ratio of medians, one client).
+path adds over calling the same model's ``generate`` in this process (ratio of medians, one client), and each
+configuration's requests/s against in-process ``generate`` called back to back (1 / its median latency).
 
 Usage: ``python bench/serve_bench.py [--requests-per-client 12] [--max-tokens 16]``. Starts its own local Ray
 (``address="local"``, 4 logical CPUs) and one replica; the model is a 4-layer GPT-2 built from a config with a
-BPE tokenizer trained here (nothing downloaded). Prints a table and writes JSON to bench/results/.
+BPE tokenizer trained here (nothing downloaded). Prints a table and writes ``bench/results/serve_bench.json``
+and ``serve_bench.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform as _platform  # stdlib
 import socket
 import statistics
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 import requests
 import torch
+from _common import bar_plot, machine, table, write_result
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog.",
@@ -142,33 +142,33 @@ def main() -> int:
         ray.shutdown()
 
     base = _stats(baseline)
+    base_rps = 1000.0 / base["p50_ms"]
+    for r in rows:
+        r["req_per_s_over_in_process"] = r["req_per_s"] / base_rps
     single = next(r for r in rows if r["max_batch_size"] == 1 and r["clients"] == 1)
     result = {
-        "when": datetime.now(timezone.utc).isoformat(),
-        "machine": {"cpus": os.cpu_count(), "platform": _platform.platform(), "torch": torch.__version__,
-                    "ray": ray.__version__, "note": "CPU only; other work may share the machine"},
+        "benchmark": "serve", "machine": machine(),
         "model": {"layers": 4, "width": 128, "params": sum(p.numel() for p in model.parameters())},
         "max_tokens": args.max_tokens,
-        "in_process_generate": base,
+        "in_process_generate": {**base, "req_per_s": base_rps},
         "serve": rows,
         "serve_over_in_process_p50_ratio": single["p50_ms"] / base["p50_ms"],
         "serve_added_p50_ms": single["p50_ms"] - base["p50_ms"],
         "total_s": time.monotonic() - t0,
     }
 
-    print(f"\nzeroplane serve bench: {result['model']['params'] / 1e6:.2f} M-param GPT-2, {args.max_tokens} new tokens "
-          f"per request, {os.cpu_count()} CPUs")
-    print(f"{'max_batch_size':>14} {'clients':>8} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9}")
-    for r in rows:
-        print(f"{r['max_batch_size']:>14} {r['clients']:>8} {r['req_per_s']:>8.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f}")
-    print(f"in-process generate p50 {base['p50_ms']:.1f} ms; Serve path (1 client, batch 1) p50 "
-          f"{single['p50_ms']:.1f} ms: ratio {result['serve_over_in_process_p50_ratio']:.2f}x "
-          f"({result['serve_added_p50_ms']:+.1f} ms)")
-    out_dir = Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"serve_bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out} ({result['total_s']:.0f} s)")
+    print(f"\nserving: {result['model']['params'] / 1e6:.2f} M-param GPT-2, {args.max_tokens} new tokens per request, "
+          f"greedy; in-process generate: p50 {base['p50_ms']:.1f} ms = {base_rps:.1f} req/s back to back")
+    print(table(["max_batch_size", "clients", "req/s", "p50 ms", "p99 ms", "req/s vs in-process"],
+                [[r["max_batch_size"], r["clients"], r["req_per_s"], r["p50_ms"], r["p99_ms"],
+                  r["req_per_s_over_in_process"]] for r in rows]))
+    print(f"Serve path (1 client, batch 1) p50 {single['p50_ms']:.1f} ms: "
+          f"{result['serve_over_in_process_p50_ratio']:.2f}x in-process ({result['serve_added_p50_ms']:+.1f} ms)")
+    out = write_result("serve_bench", result)
+    labels = [f"batch {r['max_batch_size']}, {r['clients']} client{'s' if r['clients'] > 1 else ''}" for r in rows]
+    png = bar_plot("serve_bench", "Ray Serve requests/s (in-process generate back to back: dashed)",
+                   labels, {"req/s": [r["req_per_s"] for r in rows]}, "req/s", hline=base_rps)
+    print(f"wrote {out} and {png} ({result['total_s']:.0f} s)")
     return 0
 
 

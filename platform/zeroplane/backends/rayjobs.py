@@ -27,6 +27,12 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 PASSTHROUGH_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 SECRET_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+#: Defaults for Ray's own settings in the job (the CLI's environment overrides them). Ray Train's controller
+#: polls the workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (Ray's default 2 s) and only notices that
+#: training ended (or a worker died) at the next poll, so a job ends on average half an interval after its
+#: last step (ending takes more than one poll); 0.5 s cut "last step -> job ended" from 4.1 s to 1.9 s
+#: (mean of 3 short demo jobs each, interleaved, 2-core machine), and a poll costs each worker one small RPC.
+RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def new_job_id(name: str) -> str:
@@ -47,6 +53,7 @@ def build_request(spec: JobSpec, job_id: str, submission_id: Optional[str] = Non
     pkg = Path(__file__).resolve().parents[1]
     env = {"ZEROPLANE_SPEC_JSON": json.dumps(spec.model_dump(mode="json"), separators=(",", ":")),
            "ZEROPLANE_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"}
+    env.update({k: os.environ.get(k) or v for k, v in RAY_ENV_DEFAULTS.items()})
     env.update({k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k)})
     return {
         "entrypoint": ENTRYPOINT,
