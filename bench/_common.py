@@ -276,6 +276,11 @@ def write_result(name: str, result: Dict[str, Any]) -> Path:
     return path
 
 
+def number_label(v: float) -> str:
+    """A bar label: thousands separated from 100 up, else 3 significant digits."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def bar_plot(name: str, title: str, labels: Sequence[str], series: Dict[str, Sequence[float]], ylabel: str,
              hline: Optional[float] = None) -> Path:
     """A grouped bar chart ``bench/results/<name>.png`` (matplotlib, Agg backend); returns the path."""
@@ -290,7 +295,7 @@ def bar_plot(name: str, title: str, labels: Sequence[str], series: Dict[str, Seq
     for i, (label, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
         bars = ax.bar(xs, values, width, label=label)
-        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.bar_label(bars, fmt=number_label, fontsize=7)
     if hline is not None:
         ax.axhline(hline, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
@@ -300,6 +305,6 @@ def bar_plot(name: str, title: str, labels: Sequence[str], series: Dict[str, Seq
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = RESULTS / f"{name}.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from _common import BENCH, ENV_ADDRESS, ENV_HOME, RESULTS, log, machine, table
+from _common import BENCH, ENV_ADDRESS, ENV_HOME, RESULTS, log, machine, number_label, table
 
 BENCHES = {  # name -> (script, extra args, result files under bench/results/)
     # train_bench.py also times job control (submission -> first step, last step -> end) on its own jobs
@@ -79,7 +79,7 @@ def summarize(results: Dict[str, Any]) -> List[List[Any]]:
 
 
 def summary_plot(rows: List[List[Any]]) -> Path:
-    """``bench/results/summary.png``: every ratio of the summary as a horizontal bar, 1.0 marked."""
+    """``bench/results/summary.png``: every ratio of the summary as a horizontal bar, 1.0 marked; returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,17 +87,17 @@ def summary_plot(rows: List[List[Any]]) -> Path:
 
     labels = [f"{r[0]}: {r[1]}" for r in rows][::-1]
     values = [float(r[2]) for r in rows][::-1]
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(10, 0.34 * len(rows) + 1.3))
     bars = ax.barh(range(len(rows)), values, color="tab:blue")
-    ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
+    ax.bar_label(bars, fmt=number_label, fontsize=7, padding=2)
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("ratio against the baseline measured in the same run (log scale; 1 = equal)")
+    ax.set_xlim(0, max(values) * 1.12)
+    ax.set_xlabel("ratio against the baseline measured in the same run (1 = equal, dashed)")
     ax.set_title(f"zeroplane benchmarks, {machine()['cpus']} CPUs, CPU only", fontsize=10)
     fig.tight_layout()
     path = RESULTS / "summary.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

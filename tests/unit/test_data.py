@@ -201,6 +201,8 @@ def test_bpe_cache_miss_then_hit_gives_the_same_tokenizer(tmp_path, text, capsys
     assert origin2.startswith("BPE from cache")
     assert files2 == files1 == tokenizer_files(first)  # what a job saves with its checkpoints
     assert second.get_vocab() == first.get_vocab()
+    assert (second.bos_token, second.eos_token, second.unk_token, second.pad_token, len(second)) == \
+        (first.bos_token, first.eos_token, first.unk_token, None, len(first))
     assert second(text[:500])["input_ids"] == first(text[:500])["input_ids"]
     # other text or other settings: a new entry, not the cached tokenizer
     _, _, origin3 = cached_bpe_tokenizer(storage, TrainBPE(vocab_size=320, min_frequency=2), text)

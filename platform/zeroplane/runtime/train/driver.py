@@ -26,9 +26,9 @@ RESULT_FILE = "zeroplane_result.json"
 def cached_bpe_tokenizer(storage: Storage, train_bpe, text: str) -> Tuple[Any, Dict[str, str], str]:
     """The BPE tokenizer ``train_bpe`` trains on ``text``, from the storage's tokenizer cache when there.
 
-    Training the BPE is the slowest part of a job's start-up (~3.5 s for the 466 k-character default
-    corpus on one core here) and its result is a pure function of the text and the settings (byte-level
-    BPE training in ``tokenizers`` is deterministic), so it is cached under
+    BPE training time grows with the corpus (0.5-0.7 s for the 466 k-character default corpus here, minutes
+    for hundreds of MB) and its result is a pure function of the text and the settings (byte-level BPE
+    training in ``tokenizers`` is deterministic), so it is cached under
     ``<storage>/cache/tokenizers/<key>.json`` with ``key`` = SHA-256 of the text, ``vocab_size``,
     ``min_frequency``, the end-of-text token and the ``tokenizers`` version. The file holds the
     ``save_pretrained`` files as ``{name: text}`` and is written atomically (``Storage.write_bytes``), so
@@ -46,11 +46,10 @@ def cached_bpe_tokenizer(storage: Storage, train_bpe, text: str) -> Tuple[Any, D
         training), and whether it came from the cache.
     """
     import hashlib
-    import tempfile
 
     import tokenizers
 
-    from .data import EOS, load_tokenizer_files, tokenizer_files, train_bpe_tokenizer
+    from .data import EOS, bpe_tokenizer_from_files, tokenizer_files, train_bpe_tokenizer
 
     h = hashlib.sha256(text.encode("utf-8"))
     h.update(json.dumps([train_bpe.vocab_size, train_bpe.min_frequency, EOS, tokenizers.__version__]).encode())
@@ -59,8 +58,7 @@ def cached_bpe_tokenizer(storage: Storage, train_bpe, text: str) -> Tuple[Any, D
     try:
         files = storage.read_json(path) if storage.exists(path) else None
         if files is not None:
-            tokenizer = load_tokenizer_files(files, tempfile.mkdtemp(prefix="zeroplane-tok-"))
-            return tokenizer, files, f"BPE from cache {key[:12]}"
+            return bpe_tokenizer_from_files(files), files, f"BPE from cache {key[:12]}"
     except Exception as e:  # noqa: BLE001 - a damaged cache entry is retrained, never fatal
         print(f"[zeroplane] tokenizer cache {storage.uri_of(path)} unreadable ({type(e).__name__}: {e}); "
               "training the BPE again", flush=True)
