@@ -28,7 +28,7 @@ from _common import BENCH, ENV_ADDRESS, ENV_HOME, RESULTS, log, machine, number_
 BENCHES = {  # name -> (script, extra args, result files under bench/results/)
     # train_bench.py also times job control (submission -> first step, last step -> end) on its own jobs
     # and writes control_bench.json; control_bench.py alone runs separate short jobs (--only control).
-    "train": ("train_bench.py", ["--warmup", "2", "--steps", "20", "--repeats", "2"],
+    "train": ("train_bench.py", ["--warmup", "2", "--steps", "20", "--repeats", "3"],
               ["train_bench.json", "control_bench.json"]),
     "memory": ("memory_bench.py", [], ["memory_bench.json"]),
     "control": ("control_bench.py", [], ["control_bench.json"]),
