@@ -26,6 +26,22 @@ RAW_SCRIPT = BENCH / "raw_ray_train.py"
 ENV_ADDRESS, ENV_HOME = "ZEROPLANE_BENCH_ADDRESS", "ZEROPLANE_BENCH_HOME"
 
 
+def at_least(low: int):
+    """An argparse ``type``: an int no smaller than ``low`` (else a usage error naming the bound)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        return value
+
+    return parse
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -147,7 +163,7 @@ def _deltas(t0: float, marks: Dict[str, float]) -> Dict[str, float]:
 def zeroplane_job(zp, spec_file: str, overrides: Sequence[str]) -> Dict[str, Any]:
     """Submit a zeroplane job through the SDK, wait for it, and time it from its progress events.
 
-    Returns ``{"job_id", "parameters", "step_times": {step: t}, "submit_to_first_step_s",
+    Returns ``{"job_id", "parameters", "data" (the driver's data line), "step_times": {step: t}, "submit_to_first_step_s",
     "last_step_to_end_s", "breakdown_to_first_step_s", "breakdown_after_last_step_s"}``: ``t`` are Unix
     seconds (rank 0's clock, the end of each step); submission is timed here around ``Client.submit``
     (storage preflight + ``JobSubmissionClient.submit_job`` with the package as ``py_modules``); the end is
@@ -181,7 +197,7 @@ def zeroplane_job(zp, spec_file: str, overrides: Sequence[str]) -> Dict[str, Any
 
 def raw_job(zp, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Submit raw_ray_train.py with ``$RAW_TRAIN_CONFIG`` = ``cfg``, wait, and time it like
-    :func:`zeroplane_job` (same keys; its step 0 line is printed after ``deepspeed.initialize``)."""
+    :func:`zeroplane_job` (the same keys but ``data``; its step 0 line is printed after ``deepspeed.initialize``)."""
     t_submit = time.time()
     job = submit_raw(zp, cfg)
     t_submitted = time.time()
@@ -196,8 +212,8 @@ def raw_job(zp, cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def warm_submission_imports() -> None:
-    """Import what both kinds of submission use (``ray.job_submission``, the SDK, transformers' config
-    classes), so that the first timed submission of either kind does not pay for it."""
+    """Import what both kinds of submission use (``ray.job_submission``, the SDK and its Ray Jobs backend,
+    the DeepSpeed config builder), so that the first timed submission of either kind does not pay for it."""
     import ray.job_submission  # noqa: F401
     import zeroplane.backends.rayjobs  # noqa: F401
     import zeroplane.sdk  # noqa: F401
@@ -246,11 +262,15 @@ def matmul_peak(threads: int, n: int = 1024, seconds: float = 3.0) -> float:
 
 
 def machine() -> Dict[str, Any]:
+    import importlib.metadata
+
     import ray
     import torch
 
     return {"cpus": os.cpu_count(), "platform": _platform.platform(), "python": _platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__, "note": "CPU only; other work may share the machine"}
+            "torch": torch.__version__, "ray": ray.__version__, "deepspeed": importlib.metadata.version("deepspeed"),
+            "transformers": importlib.metadata.version("transformers"),
+            "note": "CPU only; other work may share the machine"}
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from _common import (REPO, bar_plot, local_head, log, machine, raw_config, raw_job, storage_dir, table, vocab_of,
+from _common import (REPO, at_least, bar_plot, local_head, log, machine, raw_config, raw_job, storage_dir, table, vocab_of,
                      warm_submission_imports, write_result, zeroplane_job)
 
 SPEC = "jobs/pydoc-gpt.yaml"
@@ -71,8 +71,8 @@ def report(runs: Dict[str, List[Dict[str, Any]]], source: str, t0: float) -> Dic
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3, help="Training steps of each job (default 3).")
-    ap.add_argument("--repeats", type=int, default=2, help="zeroplane/raw pairs, interleaved; medians count (default 2).")
+    ap.add_argument("--steps", type=at_least(1), default=3, help="Training steps of each job (default 3).")
+    ap.add_argument("--repeats", type=at_least(1), default=2, help="zeroplane/raw pairs, interleaved; medians count (default 2).")
     args = ap.parse_args()
 
     from zeroplane.spec import load_spec

@@ -10,7 +10,7 @@ progress event (``peak_rss_mb``: ``getrusage`` ``ru_maxrss`` in each rank, gathe
 before the final checkpoint; the ``done`` event's figure, with the checkpoint, is recorded too.
 
 RSS also holds the Python / torch / Ray / DeepSpeed runtime, the data and the activations. A baseline job
-(stage 0, ``tiny`` preset: ~0.5 M parameters, whose model states are a few MB) measures that part, and
+(stage 0, ``tiny`` preset: ~0.4 M parameters, whose model states are a few MB) measures that part, and
 ``model-state RSS = peak RSS − baseline peak RSS``; the ratio compares it with
 ``zeroplane.estimate.zero_paper_bytes`` (Rajbhandari et al. 2020, fp32: 4-byte parameters and gradients,
 K = 8 for stage 0, 12 for ZeRO 1-3) for that stage, N = 2 and Ψ from the job's own parameter count. With CPU
@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List
 
-from _common import (bar_plot, local_head, log, machine, storage_dir, submit_zeroplane, table, wait_job,
+from _common import (at_least, bar_plot, local_head, log, machine, storage_dir, submit_zeroplane, table, wait_job,
                      write_result)
 
 SPEC = "jobs/pydoc-gpt.yaml"
@@ -69,8 +69,8 @@ def run_one(zp, label: str, preset: str, stage: int, offload: str, steps: int, s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="medium", help="Model preset of the measured jobs (default medium, ~30 M).")
-    ap.add_argument("--steps", type=int, default=2, help="Training steps per job (default 2).")
-    ap.add_argument("--parallel", type=int, default=2, help="Jobs at once (2 workers each; default 2).")
+    ap.add_argument("--steps", type=at_least(1), default=2, help="Training steps per job (default 2).")
+    ap.add_argument("--parallel", type=at_least(1), default=2, help="Jobs at once (2 workers each; default 2).")
     args = ap.parse_args()
 
     t0 = time.monotonic()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 import torch
-from _common import bar_plot, machine, table, write_result
+from _common import at_least, bar_plot, machine, table, write_result
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog.",
@@ -105,9 +105,9 @@ def _stats(lats: list[float]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests-per-client", type=int, default=12, help="Requests each client sends (16 clients).")
-    ap.add_argument("--single-requests", type=int, default=30, help="Requests of the 1-client runs.")
-    ap.add_argument("--max-tokens", type=int, default=16, help="New tokens per request.")
+    ap.add_argument("--requests-per-client", type=at_least(1), default=12, help="Requests each client sends (16 clients).")
+    ap.add_argument("--single-requests", type=at_least(1), default=30, help="Requests of the 1-client runs.")
+    ap.add_argument("--max-tokens", type=at_least(1), default=16, help="New tokens per request.")
     args = ap.parse_args()
 
     import ray
@@ -128,7 +128,7 @@ def main() -> int:
     try:
         for mbs in (1, 8):
             serve.run(build_app({"model_name": "bench", "version": "v1", "model_uri": str(tmp), "auth": False,
-                                 "max_tokens_cap": 64, "max_batch_size": mbs, "batch_wait_timeout_s": 0.01}),
+                                 "max_tokens_cap": max(64, args.max_tokens), "max_batch_size": mbs, "batch_wait_timeout_s": 0.01}),
                       name="bench", route_prefix="/bench")
             http_run(url, 1, 3, args.max_tokens)  # warm-up
             for clients, per in ((1, args.single_requests), (16, args.requests_per_client)):

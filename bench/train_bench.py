@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import time
 from typing import Any, Dict
 
 import control_bench
-from _common import (REPO, bar_plot, local_head, log, machine, matmul_peak, raw_config, raw_job, storage_dir, table,
+from _common import (REPO, at_least, bar_plot, local_head, log, machine, matmul_peak, raw_config, raw_job, storage_dir, table,
                      vocab_of, warm_submission_imports, window_rate, write_result, zeroplane_job)
 
 SPEC = "jobs/pydoc-gpt.yaml"
@@ -58,7 +59,7 @@ def plain_pytorch(spec, vocab: int, warmup: int, steps: int) -> Dict[str, Any]:
 
     t = spec.train
     torch.manual_seed(t.seed)
-    cfg = GPT2Config(**PRESETS[spec.model.preset], vocab_size=vocab, n_positions=spec.data.seq_len,
+    cfg = GPT2Config(**{**PRESETS[spec.model.preset], **spec.model.config}, vocab_size=vocab, n_positions=spec.data.seq_len,
                      bos_token_id=0, eos_token_id=0, tie_word_embeddings=spec.model.tie_word_embeddings)
     model = GPT2LMHeadModel(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=1e-8, weight_decay=t.weight_decay)
@@ -80,11 +81,11 @@ def plain_pytorch(spec, vocab: int, warmup: int, steps: int) -> Dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--warmup", type=int, default=3, help="Steps excluded at the start (default 3).")
-    ap.add_argument("--steps", type=int, default=30, help="Timed steps (default 30).")
-    ap.add_argument("--repeats", type=int, default=2,
+    ap.add_argument("--warmup", type=at_least(1), default=3, help="Steps excluded at the start (default 3).")
+    ap.add_argument("--steps", type=at_least(1), default=30, help="Timed steps (default 30).")
+    ap.add_argument("--repeats", type=at_least(1), default=2,
                     help="zeroplane/raw job pairs, interleaved; the fastest run of each counts (default 2).")
-    ap.add_argument("--plain-steps", type=int, default=12, help="Timed steps of the plain PyTorch loop (default 12).")
+    ap.add_argument("--plain-steps", type=at_least(1), default=12, help="Timed steps of the plain PyTorch loop (default 12).")
     args = ap.parse_args()
 
     from zeroplane.spec import load_spec
@@ -97,7 +98,7 @@ def main() -> int:
                  "checkpoint.every_n_steps=1000000", "train.eval_every_n_steps=1000000", "failure.max_failures=0",
                  f"train.warmup_steps={min(20, w + s)}"]
     spec = load_spec(REPO / SPEC, overrides)
-    sizes = PRESETS[spec.model.preset]
+    sizes = {**PRESETS[spec.model.preset], **spec.model.config}
     L, d, T = sizes["n_layer"], sizes["n_embd"], spec.data.seq_len
     tokens_per_step = spec.scaling.num_workers * spec.train.micro_batch_size_per_worker * T
 
@@ -149,6 +150,7 @@ def main() -> int:
                      row["mfu_vs_2x_one_thread_peak"]])
     z, raw = best["zeroplane"]["tokens_per_s"], best["raw Ray Train"]["tokens_per_s"]
     pair_ratios = [zr["tokens_per_s"] / rr["tokens_per_s"] for zr, rr in zip(runs["zeroplane"], runs["raw Ray Train"])]
+    median_pair = statistics.median(pair_ratios)
     result = {
         "benchmark": "train", "machine": machine(), "spec": SPEC, "overrides": overrides,
         "model": {"parameters": n_params, "parameters_in_matmuls": n_matmul, "n_layer": L, "n_embd": d,
@@ -158,7 +160,8 @@ def main() -> int:
         "peak_flop_per_s": {"all_threads": peak_all, "threads": torch.get_num_threads(), "one_thread": peak_1,
                             "matmul": "1024x1024 fp32"},
         "runs": runs, "plain_pytorch": {"threads": plain["threads"], "timed_steps": ps, **plain_rate}, "rows": result_rows,
-        "ratios": {"zeroplane_over_raw_ray_train": z / raw, "zeroplane_over_raw_ray_train_per_pair": pair_ratios, "zeroplane_over_plain_pytorch": z / plain_rate["tokens_per_s"],
+        "ratios": {"zeroplane_over_raw_ray_train": z / raw, "zeroplane_over_raw_ray_train_per_pair": pair_ratios,
+                   "zeroplane_over_raw_ray_train_median_pair": median_pair, "zeroplane_over_plain_pytorch": z / plain_rate["tokens_per_s"],
                    "raw_ray_train_over_plain_pytorch": raw / plain_rate["tokens_per_s"]},
         "goal": {"zeroplane_over_raw_ray_train": 0.97},
         "total_s": time.monotonic() - t0,

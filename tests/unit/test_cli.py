@@ -311,6 +311,15 @@ def test_build_request_leaves_out_unset_and_empty_env(monkeypatch):
     assert not any(k.startswith("AWS_") for k in env)
 
 
+def test_build_request_sets_ray_train_poll_interval_unless_the_caller_does(monkeypatch):
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    env = build_request(load_spec(TINY), "j")["runtime_env"]["env_vars"]
+    assert env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
+    env = build_request(load_spec(TINY), "j")["runtime_env"]["env_vars"]
+    assert env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "2"
+
+
 def test_parse_progress_finds_prefixed_lines_in_order_and_deduplicates():
     log = "\n".join([
         "some ray chatter",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -221,7 +223,9 @@ def test_damaged_bpe_cache_entry_is_retrained_and_rewritten(tmp_path, text, caps
     _, good, _ = cached_bpe_tokenizer(storage, settings, text)
     (entry,) = _cache_files(storage)
     path = storage.path("cache", "tokenizers", entry)
-    for damage in (b'{"tokenizer.json": "{not json', b"", b'{"tokenizer.json": "{}"}'):
+    partial = json.dumps({"tokenizer.json": good["tokenizer.json"]}).encode()  # config missing
+    not_text = json.dumps({**good, "tokenizer_config.json": {"eos_token": None}}).encode()
+    for damage in (b'{"tokenizer.json": "{not json', b"", b'{"tokenizer.json": "{}"}', b"[1, 2]", partial, not_text):
         storage.write_bytes(path, damage)
         _, again, origin = cached_bpe_tokenizer(storage, settings, text)
         assert origin.startswith("BPE trained"), damage

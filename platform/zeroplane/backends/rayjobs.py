@@ -29,9 +29,9 @@ PASSTHROUGH_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS
 SECRET_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
 #: Defaults for Ray's own settings in the job (the CLI's environment overrides them). Ray Train's controller
 #: polls the workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (Ray's default 2 s) and only notices that
-#: training ended (or a worker died) at the next poll, so a job ends on average half an interval after its
-#: last step (ending takes more than one poll); 0.5 s cut "last step -> job ended" from 4.1 s to 1.9 s
-#: (mean of 3 short demo jobs each, interleaved, 2-core machine), and a poll costs each worker one small RPC.
+#: training ended (or a worker died) at a poll, and shutting the worker group down waits on polls too; 0.5 s
+#: cut "last step -> job ended" from 4.1 s to 1.9 s (mean of 3 two-step demo jobs each, interleaved, 2-core
+#: machine; 2.1 s median in bench/train_bench.py's jobs), and a poll costs each worker one small RPC.
 RAY_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 

@@ -21,6 +21,8 @@ from ...spec.model import DataSpec, TokenizerSpec
 
 #: The end-of-text token of trained BPE tokenizers (GPT-2's name for it).
 EOS = "<|endoftext|>"
+#: The files ``save_pretrained`` writes for a trained BPE tokenizer.
+BPE_FILES = frozenset({"tokenizer.json", "tokenizer_config.json"})
 
 
 def load_text(data: DataSpec) -> str:
@@ -94,14 +96,17 @@ def train_bpe_tokenizer(text: str, vocab_size: int, min_frequency: int = 2):
 
 
 def bpe_tokenizer_from_files(files: Dict[str, str]):
-    """Rebuild a tokenizer of :func:`train_bpe_tokenizer` from its saved files (``{name: text}``).
+    """Rebuild a tokenizer that :func:`train_bpe_tokenizer` made from its saved files (``{name: text}``,
+    :data:`BPE_FILES`).
 
-    Equivalent to ``AutoTokenizer.from_pretrained`` on those files, without importing AutoTokenizer's
-    machinery: in a process that has not loaded transformers' model code (the job driver) that import alone
-    takes ~2 s on this machine, 3-4x the BPE training of the default corpus.
+    For those files the same tokenizer as ``AutoTokenizer.from_pretrained`` gives (``tokenizer.json`` plus
+    ``<|endoftext|>`` as bos/eos/unk, which is all their ``tokenizer_config.json`` says), without importing
+    AutoTokenizer's machinery: in a process that has not loaded transformers' model code (the job driver)
+    that import alone takes ~2 s on this machine, more than training the default corpus's BPE.
 
     Raises:
-        KeyError: no ``tokenizer.json`` in ``files``. Exception (from ``tokenizers``): it does not parse.
+        KeyError: no ``tokenizer.json`` in ``files``. TypeError: it is not text. Exception (from
+        ``tokenizers``): it does not parse.
     """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
