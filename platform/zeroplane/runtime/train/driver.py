@@ -89,9 +89,9 @@ def build_train_loop_config(spec: JobSpec, job_id: str, storage: Storage) -> Dic
     When the job already has a complete checkpoint (a retried or resumed job), its tokenizer is reused
     so token ids stay the same.
     """
-    from .data import load_text, load_tokenizer_files, make_tokenizer, tokenize_split, tokenizer_files
-
     import tempfile
+
+    from .data import load_text, load_tokenizer_files, make_tokenizer, tokenize_split, tokenizer_files
 
     t0 = time.perf_counter()
     text = load_text(spec.data)
