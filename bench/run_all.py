@@ -1,5 +1,6 @@
 """Run every zeroplane benchmark (``make bench``) and write ``bench/results/summary.json``, ``summary.png``
-and one table.
+and one table; a complete run of the default set that did not fail is then published to ``bench/report/``
+(tracked in git, shown by the README): every result JSON and plot plus the summary.
 
 Usage: ``python bench/run_all.py [--only train,memory,promote,serve]`` (the default set; ``control`` runs
 bench/control_bench.py's own short jobs, which the default set replaces by the training benchmark's jobs).
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from _common import BENCH, ENV_ADDRESS, ENV_HOME, RESULTS, log, machine, number_label, table
+
+REPORT = BENCH / "report"
 
 BENCHES = {  # name -> (script, extra args, result files under bench/results/)
     # train_bench.py also times job control (submission -> first step, last step -> end) on its own jobs
@@ -164,7 +167,24 @@ def main() -> int:
     print(f"per benchmark (s): {wall}; total {summary['total_s']:.0f} s; plots in bench/results/*.png")
     if failed:
         print(f"FAILED: {failed}")
-    return 1 if failed else 0
+        return 1
+    if set(chosen) >= set(DEFAULT):
+        print(f"published to {publish(summary).relative_to(BENCH.parent)}/ (the README shows it)")
+    return 0
+
+
+def publish(summary: Dict[str, Any]) -> Path:
+    """Copy the run's results and plots and the summary from ``bench/results/`` to ``bench/report/``
+    (replacing the previous report's files of the same names); returns the report folder."""
+    REPORT.mkdir(parents=True, exist_ok=True)
+    names = {Path(p).name for p in summary["results"].values()}
+    for name in sorted(names | {n.replace(".json", ".png") for n in names}):
+        if (RESULTS / name).exists():
+            shutil.copy2(RESULTS / name, REPORT / name)
+    shutil.copy2(RESULTS / "summary.png", REPORT / "summary.png")
+    published = {**summary, "results": {k: f"bench/report/{Path(p).name}" for k, p in summary["results"].items()}}
+    (REPORT / "summary.json").write_text(json.dumps(published, indent=2))
+    return REPORT
 
 
 if __name__ == "__main__":
