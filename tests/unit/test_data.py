@@ -190,7 +190,7 @@ def _cache_files(storage) -> list:
 
 def test_bpe_cache_miss_then_hit_gives_the_same_tokenizer(tmp_path, text, capsys):
     from zeroplane.runtime.train.data import tokenizer_files
-    from zeroplane.runtime.train.driver import cached_bpe_tokenizer
+    from zeroplane.runtime.train.data import cached_bpe_tokenizer
     from zeroplane.spec.model import TrainBPE
     from zeroplane.storage import Storage
 
@@ -214,7 +214,7 @@ def test_bpe_cache_miss_then_hit_gives_the_same_tokenizer(tmp_path, text, capsys
 
 
 def test_damaged_bpe_cache_entry_is_retrained_and_rewritten(tmp_path, text, capsys):
-    from zeroplane.runtime.train.driver import cached_bpe_tokenizer
+    from zeroplane.runtime.train.data import cached_bpe_tokenizer
     from zeroplane.spec.model import TrainBPE
     from zeroplane.storage import Storage
 
@@ -235,7 +235,7 @@ def test_damaged_bpe_cache_entry_is_retrained_and_rewritten(tmp_path, text, caps
 
 
 def test_bpe_cache_on_s3(s3_bucket, text):
-    from zeroplane.runtime.train.driver import cached_bpe_tokenizer
+    from zeroplane.runtime.train.data import cached_bpe_tokenizer
     from zeroplane.spec.model import TrainBPE
     from zeroplane.storage import Storage
 
@@ -245,3 +245,20 @@ def test_bpe_cache_on_s3(s3_bucket, text):
     _, files2, origin2 = cached_bpe_tokenizer(storage, settings, text)
     assert files1 == files2
     assert origin1.startswith("BPE trained") and origin2.startswith("BPE from cache")
+
+
+def test_make_tokenizer_uses_a_given_folder_and_refuses_no_source(tmp_path, tok, text):
+    from zeroplane.runtime.train.data import make_tokenizer, tokenizer_files
+    from zeroplane.spec.model import TokenizerSpec
+    from zeroplane.storage import Storage
+
+    storage = Storage.from_uri(str(tmp_path / "store"))
+    folder = tmp_path / "tok"
+    tok.save_pretrained(folder)
+    got, files, origin = make_tokenizer(TokenizerSpec(train_bpe=None, path=str(folder)), text, None, storage)
+    assert origin == f"tokenizer of {folder}"
+    assert got(text[:300])["input_ids"] == tok(text[:300])["input_ids"]
+    assert files == tokenizer_files(got)
+    assert not storage.exists(storage.path("cache"))  # nothing trained, nothing cached
+    with pytest.raises(SpecError, match="tokenizer.train_bpe, tokenizer.path or model.pretrained"):
+        make_tokenizer(TokenizerSpec(train_bpe=None), text, None, storage)
