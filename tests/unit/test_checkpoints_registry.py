@@ -243,7 +243,7 @@ def test_get(tmp_path, storage):
     assert reg.get("tiny", "v1")["source"]["step"] == 10
     with pytest.raises(NotFoundError) as ei:
         reg.get("tiny", "v9")
-    assert "tiny:v9" in ei.value.format_message() and "v1, v2" in ei.value.format_message()
+    assert "tiny:v9" in ei.value.message and "v1, v2" in ei.value.message
     assert ei.value.exit_code == 1
     with pytest.raises(NotFoundError, match="no registered versions"):
         reg.get("other")
@@ -274,7 +274,7 @@ def test_check_model_name_accepts(name):
 def test_check_model_name_rejects(name):
     with pytest.raises(SpecError) as ei:
         check_model_name(name)
-    assert "--name" in ei.value.format_message() and "lowercase" in ei.value.format_message()
+    assert "--name" in ei.value.message and "lowercase" in ei.value.message
 
 
 def test_trailing_newline_in_model_name_or_version_is_rejected():

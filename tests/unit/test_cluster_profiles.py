@@ -85,7 +85,7 @@ def test_bad_profiles_are_one_line_spec_errors(_home, text, name, message):
         _write(_home, text)
     with pytest.raises(SpecError, match=message) as err:
         cluster.resolve_cluster(profile=name)
-    assert err.value.exit_code == 2 and "\n" not in err.value.format_message()
+    assert err.value.exit_code == 2 and "\n" not in err.value.message
 
 
 def test_launcher_command_for_a_config():

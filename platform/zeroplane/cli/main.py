@@ -63,6 +63,14 @@ def _fmt(x: Optional[float], nd: int = 3) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+class _CliError(click.ClickException):
+    """A :class:`ZeroplaneError` at the CLI edge: ``Error: <message>`` on stderr, its ``exit_code``."""
+
+    def __init__(self, error: ZeroplaneError) -> None:
+        super().__init__(error.message)
+        self.exit_code = error.exit_code
+
+
 class _Main(click.Group):
     """Turns unexpected exceptions into one line (and keeps tracebacks for ZEROPLANE_DEBUG=1)."""
 
@@ -71,6 +79,8 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
+        except ZeroplaneError as e:
+            raise _CliError(e) from None
         except Exception as e:  # a bug or an environment problem: say it in one line, exit 1
             if os.environ.get("ZEROPLANE_DEBUG"):
                 raise
