@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
@@ -58,6 +57,44 @@ def _s3_filesystem(endpoint_url: Optional[str] = None, bucket_region: Optional[s
         if os.environ.get("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     return pafs.S3FileSystem(**kwargs)
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes, mode: Optional[int] = None) -> None:
+    """Write a local file so that readers see the old file or the whole new one, never a part.
+
+    The bytes go to a temporary file in the same folder (created if missing), are flushed to disk, and
+    the temporary file is renamed over ``path`` (``os.replace`` is atomic within one filesystem, POSIX
+    rename(2)). On any error the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: the destination.
+        data: the whole content.
+        mode: permission bits for the new file (e.g. ``0o600``), set before the rename; default: the
+            process umask's.
+    """
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.fchmod(f.fileno(), 0o666 & ~umask)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 @dataclass
@@ -178,15 +215,8 @@ class Storage:
 
         Local: write a temp file next to it and rename. S3: a PUT is atomic already.
         """
-        parent = posixpath.dirname(path)
         if self.is_local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_file_atomic(path, data)
         else:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
