@@ -82,7 +82,7 @@ def submit_zeroplane(zp, spec_file: str, overrides: Sequence[str]) -> str:
     """``zeroplane train submit SPEC --set …`` through the SDK; returns the job id."""
     from zeroplane.spec import load_spec
 
-    return zp.submit(load_spec(REPO / spec_file, list(overrides)))["job_id"]
+    return zp.submit(load_spec(REPO / spec_file, list(overrides))).job_id
 
 
 def raw_config(spec, steps: int, vocab: int, storage_path: str) -> Dict[str, Any]:

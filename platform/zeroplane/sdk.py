@@ -1,9 +1,13 @@
 """The Python API that the ``zeroplane`` CLI is a thin layer over.
 
->>> zp = Client()                              # finds the cluster: --address, RAY_ADDRESS, local head
->>> job = zp.submit(load_spec("jobs/tiny-cpu.yaml"))["job_id"]
+>>> zp = Client()                              # finds the cluster: address, RAY_ADDRESS, profile, local head
+>>> job = zp.submit(load_spec("jobs/tiny-cpu.yaml")).job_id
 >>> zp.wait(job)                               # -> "SUCCEEDED"
 >>> zp.promote(job, name="tiny")               # consolidate, verify, register, deploy
+
+Every method returns a typed result (:mod:`zeroplane.results`, each with ``to_dict()``) and raises only
+:class:`zeroplane.errors.ZeroplaneError` subclasses for what it documents. The cluster is resolved on
+first use, so storage-only calls (keys, models, checkpoints with ``storage=``) need none.
 """
 
 from __future__ import annotations
@@ -13,141 +17,200 @@ import os
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from .backends.rayjobs import TERMINAL, RayJobsBackend, build_request, new_job_id, redact
-from .checkpoints import list_checkpoints
-from .errors import NotFoundError, ZeroplaneError
+from . import layout, names
+from .backends.base import TERMINAL, JobInfo
+from .backends.rayjobs import RayJobsBackend, new_job_id, preflight_storage  # noqa: F401  (re-exported)
+from .checkpoints import CheckpointInfo, list_checkpoints
+from .errors import ConflictError, NotFoundError, SpecError, ZeroplaneError, first_line  # noqa: F401  (the CLI's)
 from .registry import Registry, check_model_name, parse_ref
+from .results import (ClusterStatus, JobPlan, JobStatus, NewKey, Promotion, PromotePlan, Rollback, ServeApp,
+                      Submission)
 from .spec import JobSpec, parse_spec
 from .spec.deepspeed import build_deepspeed_config
 from .storage import Storage
 
-PROGRESS_PREFIX = "ZEROPLANE_PROGRESS "
-DEFAULT_STORAGE = "~/.zeroplane/storage"
+PROGRESS_PREFIX = names.PROGRESS_PREFIX
+DEFAULT_STORAGE = names.DEFAULT_STORAGE
+
+
+class ProgressParser:
+    """Progress events from log text fed in chunks of any size (a line may span chunks).
+
+    Rank 0 prints ``ZEROPLANE_PROGRESS {json}`` lines; Ray may forward the same line twice (with a
+    ``(RayTrainWorker pid=…)`` prefix), so an event seen before is dropped. Lines that are not JSON are
+    skipped.
+    """
+
+    def __init__(self) -> None:
+        self._partial = ""
+        self._seen: set = set()
+
+    def feed(self, text: str) -> List[Dict[str, Any]]:
+        """New events in ``text`` (complete lines only; a trailing partial line waits for the next chunk)."""
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        return self._events(lines)
+
+    def close(self) -> List[Dict[str, Any]]:
+        """Events of the last, unterminated line."""
+        rest, self._partial = self._partial, ""
+        return self._events([rest])
+
+    def _events(self, lines: List[str]) -> List[Dict[str, Any]]:
+        out = []
+        for line in lines:
+            i = line.find(PROGRESS_PREFIX)
+            if i < 0:
+                continue
+            raw = line[i + len(PROGRESS_PREFIX):].strip()
+            if raw in self._seen:
+                continue
+            try:
+                ev = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            self._seen.add(raw)
+            out.append(ev)
+        return out
 
 
 def parse_progress(log_text: str) -> List[Dict[str, Any]]:
     """Progress events printed by rank 0 (``ZEROPLANE_PROGRESS {json}`` lines), in order, deduplicated."""
-    out, seen = [], set()
-    for line in log_text.splitlines():
-        i = line.find(PROGRESS_PREFIX)
-        if i < 0:
-            continue
-        raw = line[i + len(PROGRESS_PREFIX):].strip()
-        if raw in seen:
-            continue
-        try:
-            ev = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        seen.add(raw)
-        out.append(ev)
-    return out
+    p = ProgressParser()
+    return p.feed(log_text) + p.close()
 
 
-def default_storage() -> str:
-    """``$ZEROPLANE_STORAGE`` or ``~/.zeroplane/storage``."""
-    return os.environ.get("ZEROPLANE_STORAGE", DEFAULT_STORAGE)
+def default_storage(profile: Optional[str] = None) -> str:
+    """The storage root when none is given: ``$ZEROPLANE_STORAGE``, else the ``storage`` of the selected
+    profile (``profile``, else ``$ZEROPLANE_PROFILE``), else ``~/.zeroplane/storage``.
+
+    Raises:
+        SpecError: a selected profile that does not exist or is invalid.
+    """
+    if os.environ.get(names.ENV_STORAGE):
+        return os.environ[names.ENV_STORAGE]
+    from .cluster import load_profile
+
+    prof = load_profile(profile) or {}
+    return prof.get("storage") or DEFAULT_STORAGE
+
+
+def storage_of_checkpoint_path(path: str) -> Storage:
+    """The storage root holding a checkpoint folder ``<root>/jobs/<job_id>/checkpoint_step_N``.
+
+    Raises:
+        SpecError: the path does not have that shape.
+    """
+    ref = layout.parse_checkpoint_ref(path)
+    if not ref.is_path:
+        raise SpecError(f"{path!r} is not a checkpoint folder <storage>/jobs/<job>/checkpoint_step_NNNNNNN; "
+                        "give a job id or such a path")
+    return Storage.from_uri(ref.storage_uri)
+
+
+def memory_estimate(spec: JobSpec) -> Dict[str, Any]:
+    """Per-worker model-state memory for ``--dry-run``: :func:`zeroplane.estimate.estimate` without the
+    runtime (no torch/deepspeed import); ``{"error": …}`` when the model cannot be counted from its config."""
+    from .estimate import estimate
+
+    try:
+        return estimate(spec, runtime=False)
+    except Exception as e:  # a dry run must still show the request
+        return {"error": f"{type(e).__name__}: {first_line(e)}"}
 
 
 class Client:
-    """zeroplane against one Ray cluster.
+    """zeroplane against one Ray cluster and one storage.
 
     Args:
-        address: dashboard URL (``http://host:8265``) or GCS address; default ``RAY_ADDRESS`` or the
-            local head started by ``zeroplane cluster up``.
+        address: dashboard URL (``http://host:8265``) or GCS address; default ``RAY_ADDRESS``, the
+            profile's address, or the local head started by ``zeroplane cluster up``.
+        profile: named profile of ``~/.zeroplane/config.yaml`` (default ``$ZEROPLANE_PROFILE``).
+
+    The cluster is resolved on first use (:attr:`cluster`); until then nothing is contacted.
     """
 
-    def __init__(self, address: Optional[str] = None) -> None:
-        from .cluster import apply_auth_env, resolve_cluster
+    def __init__(self, address: Optional[str] = None, profile: Optional[str] = None) -> None:
+        self.address = address
+        self.profile = profile
+        self._cluster = None
+        self._jobs: Optional[RayJobsBackend] = None
 
-        self.cluster = resolve_cluster(address)
-        apply_auth_env()
-        self.jobs = RayJobsBackend(self.cluster.dashboard_url)
+    # ------------------------------------------------------------------ where
+    @property
+    def cluster(self):
+        """The resolved :class:`zeroplane.cluster.ClusterInfo` (with Ray's token auth applied).
+
+        Raises:
+            ZeroplaneError: no address given and no live local cluster.
+            SpecError: a malformed address or a bad profile.
+        """
+        if self._cluster is None:
+            from .cluster import apply_auth_env, resolve_cluster
+
+            self._cluster = resolve_cluster(self.address, self.profile)
+            apply_auth_env()
+        return self._cluster
+
+    @property
+    def jobs(self) -> RayJobsBackend:
+        """The job backend of :attr:`cluster` (see :class:`zeroplane.backends.base.Backend`)."""
+        if self._jobs is None:
+            self._jobs = RayJobsBackend(self.cluster)
+        return self._jobs
+
+    def storage(self, storage: Optional[str] = None) -> Storage:
+        """``storage`` opened, or the default storage (see :func:`default_storage`)."""
+        return Storage.from_uri(storage or default_storage(self.profile))
 
     # ------------------------------------------------------------------ training
     @staticmethod
-    def plan(spec: JobSpec, job_id: Optional[str] = None) -> Dict[str, Any]:
-        """What ``submit`` would send: the resolved spec, the DeepSpeed config and the Ray job request
-        (secrets masked). Needs no cluster."""
-        job_id = job_id or new_job_id(spec.name)
-        return {
-            "job_id": job_id,
-            "spec": spec.model_dump(mode="json"),
-            "deepspeed_config": build_deepspeed_config(spec),
-            "ray_job_request": redact(build_request(spec, job_id)),
-            "memory_estimate": memory_estimate(spec),
-        }
-
-    def submit(self, spec: JobSpec, job_id: Optional[str] = None) -> Dict[str, Any]:
-        """Submit ``spec`` as a Ray Job after a storage preflight; returns ``{"job_id", "storage"}``.
+    def plan(spec: JobSpec, job_id: Optional[str] = None, backend: Optional[RayJobsBackend] = None,
+             no_cluster_reason: str = "no cluster to check against") -> JobPlan:
+        """What ``submit`` would send: the checked request, the resolved spec, the DeepSpeed config and the
+        memory estimate. With ``backend`` every preflight runs against its cluster (and raises as
+        ``submit`` would); without, the cluster checks are skipped with ``no_cluster_reason``.
 
         Raises:
-            ZeroplaneError: the storage is not writable, it is a local folder on a multi-node cluster
-                (without ``checkpoint.shared_filesystem: true``), or the submission failed.
+            ZeroplaneError: a preflight failed.
         """
-        storage = Storage.for_checkpoint_spec(spec.checkpoint)
-        if storage.is_local and not spec.checkpoint.shared_filesystem:
-            self._check_single_node(storage)
-        if os.environ.get("ZEROPLANE_SKIP_RESOURCE_CHECK") != "1":
-            self._check_resources(spec)
-        preflight_storage(storage)
-        job_id = job_id or new_job_id(spec.name)
-        self.jobs.submit(build_request(spec, job_id))
-        return {"job_id": job_id, "storage": storage.uri_of(storage.path("jobs", job_id))}
+        backend = backend or RayJobsBackend(None, no_cluster_reason)
+        request = backend.dryrun(spec, job_id or new_job_id(spec.name))
+        return JobPlan(request=request, spec=spec.model_dump(mode="json"),
+                       deepspeed_config=build_deepspeed_config(spec), memory_estimate=memory_estimate(spec))
 
-    def _check_resources(self, spec: JobSpec) -> None:
-        """Refuse a job whose workers cannot fit the cluster as it is now: one worker's CPUs/GPUs above
-        every node's, or all workers' CPUs/GPUs above the cluster's total. Ray would otherwise keep the
-        job waiting for workers without end. An autoscaling cluster that will grow: set
-        ``ZEROPLANE_SKIP_RESOURCE_CHECK=1``. A cluster whose resources cannot be read is not refused.
+    def dryrun(self, spec: JobSpec, job_id: Optional[str] = None) -> JobPlan:
+        """:meth:`plan` against this client's cluster: every preflight ``submit`` runs, and fails as it
+        would. When no cluster can be found (nothing given, no local head) a submit could not run at
+        all; the plan is then made without the cluster checks, which it lists as skipped with the reason.
 
         Raises:
-            ZeroplaneError: naming the field, what the job needs and what the cluster has.
+            SpecError: a malformed address or a bad profile.
+            ZeroplaneError: a preflight failed.
         """
-        from .cluster import cluster_status
+        try:
+            backend = self.jobs
+        except SpecError:
+            raise
+        except ZeroplaneError as e:  # no cluster: plan only
+            return self.plan(spec, job_id, no_cluster_reason=e.message)
+        return self.plan(spec, job_id, backend=backend)
 
-        nodes = [n for n in cluster_status(self.cluster).get("nodes", []) if n.get("alive")]
-        if not nodes:
-            return
-        s = spec.scaling
-        per_worker = {"CPU": float(s.resources_per_worker.get("CPU", 1)),
-                      "GPU": float(s.resources_per_worker.get("GPU", 1 if s.use_gpu else 0))}
-        for kind, key in (("CPU", "cpus"), ("GPU", "gpus")):
-            need = per_worker[kind]
-            if need <= 0:
-                continue
-            biggest = max(float(n.get(key) or 0) for n in nodes)
-            total = sum(float(n.get(key) or 0) for n in nodes)
-            where = f"the cluster at {self.cluster.dashboard_url}"
-            if need > biggest:
-                raise ZeroplaneError(
-                    f"scaling.resources_per_worker.{kind}={need:g}: no node of {where} has that many "
-                    f"(largest: {biggest:g}); lower it (or ZEROPLANE_SKIP_RESOURCE_CHECK=1 for an autoscaling cluster)")
-            if need * s.num_workers > total:
-                raise ZeroplaneError(
-                    f"scaling.num_workers={s.num_workers} x {need:g} {kind} = {need * s.num_workers:g} {kind}, but {where} "
-                    f"has {total:g}; lower scaling.num_workers or resources_per_worker "
-                    "(or ZEROPLANE_SKIP_RESOURCE_CHECK=1 for an autoscaling cluster)")
+    def submit(self, spec: JobSpec, job_id: Optional[str] = None) -> Submission:
+        """Submit ``spec`` as a Ray Job: exactly the request :meth:`dryrun` returns, after its preflights.
 
-    def _check_single_node(self, storage: Storage) -> None:
-        """Refuse a node-local storage folder when the cluster has more than one alive node.
-
-        Ray Train workers on other nodes would persist their checkpoint shards to their own disks, so no
-        node would hold a complete checkpoint. A cluster whose node list cannot be read is not refused.
+        Raises:
+            ZeroplaneError: a preflight failed (storage not writable; local storage on a multi-node
+                cluster without ``checkpoint.shared_filesystem``; workers that do not fit; upload too
+                large) or the submission failed.
         """
-        from .cluster import cluster_status
+        request = self.jobs.dryrun(spec, job_id or new_job_id(spec.name))
+        self.jobs.submit(request)
+        return Submission(job_id=request.submission_id, zeroplane_job_id=request.job_id,
+                          storage=request.storage_uri, max_steps=spec.train.max_steps)
 
-        nodes = [n for n in cluster_status(self.cluster).get("nodes", []) if n.get("alive")]
-        if len(nodes) > 1:
-            raise ZeroplaneError(
-                f"checkpoint.storage_path {storage.uri} is a local folder but the cluster at "
-                f"{self.cluster.dashboard_url} has {len(nodes)} nodes, whose workers would each write to their "
-                "own disk; use s3://bucket/prefix, or set checkpoint.shared_filesystem: true if that path is "
-                "one shared mount (NFS) on every node"
-            )
-
-    def resume(self, job_id: str, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
-        """Resubmit a finished job so that it continues from its newest complete checkpoint.
+    def resume(self, job_id: str, overrides: Optional[List[str]] = None) -> Submission:
+        """Resubmit an ended job so that it continues from its newest complete checkpoint.
 
         The new Ray Job is ``<job>-r<k>`` (k = 1, 2, …) and runs under the ORIGINAL zeroplane job id: same
         run folder, same checkpoints, same spec (``train.stop_after_steps`` cleared, then ``overrides``
@@ -158,52 +221,49 @@ class Client:
             overrides: ``key.path=value`` strings, as ``--set``.
 
         Returns:
-            ``{"job_id": <new submission id>, "zeroplane_job_id", "resume_step": int | None, "storage"}``
-            (``resume_step`` None: no complete checkpoint yet, the job starts again from step 0).
+            The submission; ``resume_step`` None means no complete checkpoint yet (starts at step 0).
 
         Raises:
-            ZeroplaneError: the job is still running (stop it first), storage is not writable, or the
-                submission failed.
+            NotFoundError: no such job.
+            ConflictError: the job is still running (stop it first).
             SpecError: a bad override.
+            ZeroplaneError: a preflight or the submission failed.
         """
         from .checkpoints import latest_complete
         from .spec import apply_overrides
 
         info = self.jobs.info(job_id)
-        if info["status"] not in TERMINAL:
-            raise ZeroplaneError(f"job {job_id} is {info['status']}; resume it once it has ended "
-                                 f"(`zeroplane train stop {job_id}`)")
-        run = info["zeroplane_job_id"]
+        if not info.terminal:
+            raise ConflictError(f"job {job_id} is {info.status}; resume it once it has ended "
+                                f"(`zeroplane train stop {job_id}`)")
+        run = info.zeroplane_job_id
         raw = self.spec_of(job_id).model_dump(mode="json")
         raw["train"]["stop_after_steps"] = None
         spec = parse_spec(apply_overrides(raw, overrides or []), source=f"{job_id} with --set")
-        storage = Storage.for_checkpoint_spec(spec.checkpoint)
-        preflight_storage(storage)
-        newest = latest_complete(storage, run)
-        taken = {j["job_id"] for j in self.jobs.list()}
+        taken = {j.job_id for j in self.jobs.list()}
         k = 1
-        while f"{run}-r{k}" in taken:
+        while f"{run}{names.RESUME_SUFFIX}{k}" in taken:
             k += 1
-        sub = self.jobs.submit(build_request(spec, run, submission_id=f"{run}-r{k}"))
-        return {"job_id": sub, "zeroplane_job_id": run, "resume_step": newest.step if newest else None,
-                "storage": storage.uri_of(storage.path("jobs", run))}
-
-    def run_id_of(self, job_id: str) -> str:
-        """The zeroplane job id (run folder) of a Ray submission id: itself, or the job a resume continues."""
-        return self.jobs.info(job_id)["zeroplane_job_id"]
+        request = self.jobs.dryrun(spec, run, submission_id=f"{run}{names.RESUME_SUFFIX}{k}")
+        newest = latest_complete(Storage.for_checkpoint_spec(spec.checkpoint), run)
+        self.jobs.submit(request)
+        return Submission(job_id=request.submission_id, zeroplane_job_id=run, storage=request.storage_uri,
+                          max_steps=spec.train.max_steps, resume_step=newest.step if newest else None)
 
     def spec_of(self, job_id: str) -> JobSpec:
-        """The resolved spec a job was submitted with (from its runtime environment)."""
-        d = self.jobs.client.get_job_info(job_id)
-        env = ((d.runtime_env or {}).get("env_vars") or {})
-        if "ZEROPLANE_SPEC_JSON" not in env:
+        """The resolved spec a job was submitted with (from its runtime environment).
+
+        Raises:
+            NotFoundError: no such job, or a job zeroplane did not submit.
+        """
+        raw = self.jobs.spec_json(job_id)
+        if raw is None:
             raise NotFoundError(f"job {job_id!r} was not submitted by zeroplane")
-        return parse_spec(json.loads(env["ZEROPLANE_SPEC_JSON"]), source=job_id)
+        return parse_spec(json.loads(raw), source=job_id)
 
     def storage_of(self, job_id: str) -> Storage:
         """The storage root of a job: from its spec while the cluster knows the job, else the default
-        storage (``$ZEROPLANE_STORAGE`` or ``~/.zeroplane/storage``) when the job's folder is there —
-        checkpoints outlive the cluster that wrote them.
+        storage when the job's folder is there — checkpoints outlive the cluster that wrote them.
 
         Raises:
             NotFoundError: neither the cluster nor the default storage knows the job.
@@ -211,14 +271,22 @@ class Client:
         try:
             self.jobs.info(job_id)
         except NotFoundError:
-            st = Storage.from_uri(default_storage())
-            if st.isdir(st.path("jobs", job_id)):
+            st = self.storage()
+            if st.isdir(st.path(layout.job_dir(job_id))):
                 return st
             raise NotFoundError(
                 f"job {job_id!r} is neither on {self.cluster.dashboard_url} nor in {st.uri}; "
                 "give its storage with --storage (see `zeroplane train list`)"
             ) from None
         return Storage.for_checkpoint_spec(self.spec_of(job_id).checkpoint)
+
+    def run_id_of(self, job_id: str) -> str:
+        """The zeroplane job id (run folder) of a submission: itself, or the job a resume continues.
+
+        Raises:
+            NotFoundError: the cluster does not know the submission.
+        """
+        return self.jobs.info(job_id).zeroplane_job_id
 
     def run_id_or_self(self, job_id: str) -> str:
         """:meth:`run_id_of` for a job the cluster knows, else ``job_id`` itself (a job of an earlier cluster)."""
@@ -227,67 +295,119 @@ class Client:
         except NotFoundError:
             return job_id
 
-    def status(self, job_id: str) -> Dict[str, Any]:
-        """Ray job details plus the newest progress event and the final result when finished."""
+    def job_info(self, job_id: str) -> JobInfo:
+        """The backend's view of one submission (status, message, times).
+
+        Raises:
+            NotFoundError: no such job.
+        """
+        return self.jobs.info(job_id)
+
+    def list_jobs(self) -> List[JobInfo]:
+        """zeroplane's submissions on the cluster, newest first."""
+        return self.jobs.list()
+
+    def status(self, job_id: str) -> JobStatus:
+        """The backend's view of a job, its newest progress and, once ended, its result file.
+
+        Raises:
+            NotFoundError: no such job.
+        """
         info = self.jobs.info(job_id)
-        events = parse_progress(self.jobs.client.get_job_logs(job_id))
+        events = parse_progress(self.jobs.logs(job_id))
         steps = [e for e in events if e.get("event") == "step"]
-        info["progress"] = steps[-1] if steps else None
         evals = [e for e in events if "val_loss" in e]
-        info["val_loss_step0"] = next((e["val_loss"] for e in events if e.get("event") == "eval" and e.get("step") == 0), None)
-        info["val_loss"] = evals[-1]["val_loss"] if evals else None
-        if info["status"] in TERMINAL:
+        out = JobStatus(info=info, progress=steps[-1] if steps else None,
+                        val_loss_step0=next((e["val_loss"] for e in events
+                                             if e.get("event") == "eval" and e.get("step") == 0), None),
+                        val_loss=evals[-1]["val_loss"] if evals else None)
+        if info.terminal:
             try:
                 st = self.storage_of(job_id)
-                path = st.path("jobs", info["zeroplane_job_id"], "zeroplane_result.json")
-                info["result"] = st.read_json(path) if st.exists(path) else None
-            except Exception:
-                info["result"] = None
-        return info
+                path = st.path(layout.result_file(info.zeroplane_job_id))
+                out.result = st.read_json(path) if st.exists(path) else None
+            except Exception:  # the result is extra: a missing or unreadable one leaves None
+                out.result = None
+        return out
+
+    def logs(self, job_id: str) -> str:
+        """The job's whole log so far.
+
+        Raises:
+            NotFoundError: no such job.
+        """
+        return self.jobs.logs(job_id)
+
+    def follow_logs(self, job_id: str) -> Iterator[str]:
+        """Log text as it is written, from the start, until the job ends.
+
+        Raises:
+            NotFoundError: no such job.
+        """
+        return self.jobs.tail_logs(job_id)
 
     def wait(self, job_id: str, on_event: Optional[Callable[[Dict[str, Any]], None]] = None,
              poll_s: float = 2.0, timeout_s: Optional[float] = None) -> str:
-        """Follow a job until it ends, calling ``on_event`` for each new progress event.
+        """Follow a job until it ends, calling ``on_event`` for each progress event as it is logged.
+
+        The log is streamed (:meth:`follow_logs`), not downloaded again at each poll.
+
+        Args:
+            job_id: submission id.
+            on_event: called with each event dict, in order, once each.
+            poll_s: seconds between status reads after the log stream ended (default 2).
+            timeout_s: give up after this many seconds (None: never).
 
         Returns:
             The terminal status (SUCCEEDED, FAILED or STOPPED).
 
         Raises:
-            ZeroplaneError: ``timeout_s`` elapsed first.
+            NotFoundError: no such job.
+            ZeroplaneError: ``timeout_s`` elapsed first (the job keeps running).
         """
-        seen = 0
         start = time.monotonic()
-        while True:
-            status = self.jobs.status(job_id)
-            events = parse_progress(self.jobs.client.get_job_logs(job_id))
-            for ev in events[seen:]:
+        parser = ProgressParser()
+
+        def emit(events: List[Dict[str, Any]]) -> None:
+            for ev in events:
                 if on_event:
                     on_event(ev)
-            seen = len(events)
-            if status in TERMINAL:
-                return status
-            if timeout_s is not None and time.monotonic() - start > timeout_s:
-                raise ZeroplaneError(f"job {job_id} still {status} after {timeout_s:.0f}s; it keeps running "
-                                     f"(`zeroplane train stop {job_id}` ends it)")
-            time.sleep(poll_s)
 
-    def follow_logs(self, job_id: str, poll_s: float = 1.0) -> Iterator[str]:
-        """Yield log text as it arrives until the job ends."""
-        sent = 0
-        while True:
-            status = self.jobs.status(job_id)
-            text = self.jobs.client.get_job_logs(job_id)
-            if len(text) > sent:
-                yield text[sent:]
-                sent = len(text)
-            if status in TERMINAL:
-                return
-            time.sleep(poll_s)
+        def left() -> Optional[float]:
+            return None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - start))
 
-    def checkpoints(self, job_id: str, storage: Optional[str] = None, include_incomplete: bool = False):
-        """Checkpoints of a job (complete only unless asked), oldest first."""
+        try:
+            for chunk in self.jobs.tail_logs(job_id, timeout_s=left()):
+                emit(parser.feed(chunk))
+            emit(parser.close())
+            while (status := self.jobs.status(job_id)) not in TERMINAL:
+                if left() is not None and left() <= 0:
+                    raise TimeoutError(job_id)
+                time.sleep(poll_s)
+        except TimeoutError:
+            raise ZeroplaneError(f"job {job_id} still {self.jobs.status(job_id)} after {timeout_s:.0f}s; it keeps "
+                                 f"running (`zeroplane train stop {job_id}` ends it)") from None
+        return status
+
+    def stop(self, job_id: str, wait_s: float = 120.0) -> str:
+        """Stop a job; returns its final status once its driver and every Ray Train actor are gone.
+
+        Raises:
+            NotFoundError: no such job.
+            ZeroplaneError: something of it was still alive after ``wait_s`` seconds.
+        """
+        return self.jobs.stop(job_id, wait_s=wait_s)
+
+    def checkpoints(self, job_id: str, storage: Optional[str] = None,
+                    include_incomplete: bool = False) -> List[CheckpointInfo]:
+        """Checkpoints of a job (complete only unless asked), oldest first. With ``storage`` no cluster
+        is needed; without, the job's storage comes from the cluster (or the default storage).
+
+        Raises:
+            NotFoundError: the job is unknown to both the cluster and the default storage.
+        """
         st = Storage.from_uri(storage) if storage else self.storage_of(job_id)
-        run = job_id if storage else self.run_id_of(job_id)
+        run = job_id if storage else self.run_id_or_self(job_id)
         return list_checkpoints(st, run, include_incomplete=include_incomplete)
 
     # ------------------------------------------------------------------ promotion and serving
@@ -298,33 +418,64 @@ class Client:
         host = "127.0.0.1" if self.cluster.local else "0.0.0.0"
         return ServeClient(self.cluster.dashboard_url, http_host=host, http_port=self.cluster.serve_http_port)
 
+    def serve_url(self, name: str) -> str:
+        """Base URL of model ``name``'s application, e.g. ``http://127.0.0.1:8000/pydoc-gpt``."""
+        return self.serve_client().url(name)
+
+    def _checkpoint_storage(self, ref: str, storage: Optional[str]):
+        """``(storage, CheckpointRef)`` for a promote reference; a resume submission id becomes its job."""
+        cref = layout.parse_checkpoint_ref(ref)
+        if storage:
+            return Storage.from_uri(storage), cref
+        if cref.is_path:
+            return Storage.from_uri(cref.storage_uri), cref
+        return self.storage_of(cref.job_id), cref.with_job(self.run_id_or_self(cref.job_id))
+
+    def promote_plan(self, ref: str, name: str, storage: Optional[str] = None, deploy: bool = True,
+                     overrides: Optional[Dict[str, Any]] = None) -> PromotePlan:
+        """What :meth:`promote` would do: the checkpoint, the version it would register, the Serve config.
+        Changes nothing.
+
+        Raises:
+            SpecError: a bad name or reference.
+            NotFoundError: no complete checkpoint matches.
+        """
+        from .promote import resolve_checkpoint
+        from .serving import app_config
+
+        check_model_name(name)
+        st, cref = self._checkpoint_storage(ref, storage)
+        ck = resolve_checkpoint(st, cref)
+        reg = Registry(st)
+        version = reg.next_version(name)
+        spec_serve = st.read_json(f"{ck.path}/{layout.CKPT_META}").get("spec", {}).get("serve", {})
+        app = None if not deploy else app_config(
+            name, {"version": version, "uri": st.uri_of(reg.version_dir(name, version))}, st.uri, spec_serve, overrides)
+        return PromotePlan(checkpoint=ck.to_dict(), would_register=f"{name}:{version}", serve_application=app)
+
     def promote(self, ref: str, name: str, storage: Optional[str] = None, deploy: bool = True,
                 dtype: str = "float32", overrides: Optional[Dict[str, Any]] = None,
                 progress: Optional[Callable[[str], None]] = None,
-                canary_percent: Optional[float] = None) -> Dict[str, Any]:
+                canary_percent: Optional[float] = None) -> Promotion:
         """Consolidate + verify + register the newest complete checkpoint of job ``ref`` (or
         ``job@step`` / a checkpoint URI) as ``name:v<N>``, then deploy it with Ray Serve (see
         :meth:`deploy`; ``canary_percent`` deploys it as a canary of the running version).
 
-        Returns:
-            The version record, plus ``url`` when deployed.
+        Raises:
+            SpecError: a bad name, reference or override.
+            NotFoundError: no complete checkpoint matches.
+            ZeroplaneError: consolidation, verification or the deployment failed.
         """
         from .promote import promote_checkpoint
 
         check_model_name(name)
-        job_id = ref.partition("@")[0]
-        if storage:
-            st = Storage.from_uri(storage)
-        elif "/" in ref:
-            st = storage_of_checkpoint_path(ref)
-        else:
-            st = self.storage_of(job_id)
-            ref = self.run_id_or_self(job_id) + ref[len(job_id):]  # a resume submission id -> its job
-        rec = promote_checkpoint(st, ref, name, dtype=dtype, progress=progress)
+        st, cref = self._checkpoint_storage(ref, storage)
+        rec = promote_checkpoint(st, cref, name, dtype=dtype, progress=progress)
+        url = None
         if deploy:
-            rec["url"] = self.deploy(name, rec["version"], storage=st.uri, overrides=overrides, progress=progress,
-                                     canary_percent=canary_percent)
-        return rec
+            url = self.deploy(name, rec["version"], storage=st.uri, overrides=overrides, progress=progress,
+                              canary_percent=canary_percent)
+        return Promotion(record=rec, url=url)
 
     def deploy(self, name: str, version: Optional[str] = None, storage: Optional[str] = None,
                overrides: Optional[Dict[str, Any]] = None,
@@ -354,7 +505,7 @@ class Client:
         """
         from .serving import app_config
 
-        st = Storage.from_uri(storage or default_storage())
+        st = self.storage(storage)
         reg = Registry(st)
         rec = reg.get(name, version)
         sc = self.serve_client()
@@ -381,22 +532,21 @@ class Client:
         return sc.url(name)
 
     def rollback(self, name: str, storage: Optional[str] = None,
-                 progress: Optional[Callable[[str], None]] = None, timeout_s: float = 600.0) -> Dict[str, Any]:
+                 progress: Optional[Callable[[str], None]] = None, timeout_s: float = 600.0) -> Rollback:
         """Undo the last rollout of ``name`` with the same zero-downtime update as :meth:`deploy`.
 
         A traffic split is ended by dropping the canary (all traffic back to the stable version);
         otherwise the version registered before the running one (registry order) is deployed, with
         the running application's autoscaling, actor options and auth.
 
-        Returns:
-            ``{"name", "from", "to", "url"}`` (versions as ``"vN"``; ``from`` names the canary when one was dropped).
-
         Raises:
+            SpecError: a bad name.
             NotFoundError: the model is not served, or the running version is the oldest registered.
         """
         from .serving import app_config
 
-        st = Storage.from_uri(storage or default_storage())
+        check_model_name(name)
+        st = self.storage(storage)
         reg = Registry(st)
         sc = self.serve_client()
         running = sc.applications().get(name) or {}
@@ -418,115 +568,230 @@ class Client:
             progress(f"rolling back {name}: {was} -> {target['version']}")
         app = app_config(name, target, st.uri, target.get("serve_defaults") or {}, _running_overrides(running))
         sc.deploy(app, timeout_s=timeout_s, progress=progress)
-        return {"name": name, "from": was, "to": target["version"], "url": sc.url(name)}
+        return Rollback(name=name, from_version=was, to_version=target["version"], url=sc.url(name))
 
-    def serve_status(self, with_requests: bool = True) -> List[Dict[str, Any]]:
-        """Serving applications: versions, weights, replicas and request counts (see ServeClient.status)."""
-        return self.serve_client().status(with_requests=with_requests)
+    def serve_status(self, with_requests: bool = True) -> List[ServeApp]:
+        """Serving applications: versions, weights, replicas and request counts (see ``ServeClient.status``;
+        ``with_requests`` reads the counts from Ray's metrics export, which lags by about 10 s)."""
+        return [ServeApp(**row) for row in self.serve_client().status(with_requests=with_requests)]
+
+    def serve_delete(self, name: str) -> None:
+        """Remove the Serve application of model ``name``.
+
+        Raises:
+            NotFoundError: no such application.
+        """
+        self.serve_client().delete(name)
+
+    def cluster_status(self) -> ClusterStatus:
+        """Nodes, resources and job counts of the cluster."""
+        from .cluster import cluster_status
+
+        return ClusterStatus.from_dict(cluster_status(self.cluster))
+
+    # ------------------------------------------------------------------ registry and keys (storage only)
+    def models(self, name: Optional[str] = None, storage: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Registered versions (registry records), of ``name`` or of every model, oldest first.
+
+        Raises:
+            SpecError: a bad name.
+        """
+        reg = Registry(self.storage(storage))
+        if name:
+            check_model_name(name)
+        return [v for m in ([name] if name else reg.models()) for v in reg.versions(m)]
+
+    def create_key(self, name: Optional[str] = None, storage: Optional[str] = None) -> NewKey:
+        """Create a serving API key; only its hash is stored."""
+        from .serve_keys import create_key
+
+        key, rec = create_key(self.storage(storage).uri, name)
+        return NewKey(key=key, record=rec)
+
+    def list_keys(self, storage: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Key ids, labels, creation times and revocation state (never the keys)."""
+        from .serve_keys import list_keys
+
+        return list_keys(self.storage(storage).uri)
+
+    def revoke_key(self, key_id: str, storage: Optional[str] = None) -> Dict[str, Any]:
+        """Revoke a key by id (replicas stop accepting it within their cache TTL).
+
+        Raises:
+            NotFoundError: no such key.
+        """
+        from .serve_keys import revoke_key
+
+        return revoke_key(self.storage(storage).uri, key_id)
+
+    def complete(self, name: str, prompt: str, max_tokens: int = 32, temperature: float = 0.0,
+                 seed: Optional[int] = None, api_key: Optional[str] = None, timeout_s: float = 120.0) -> Dict[str, Any]:
+        """Ask the deployed model ``name`` to continue ``prompt`` (see :func:`complete`)."""
+        check_model_name(name)
+        return complete(self.serve_url(name), prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                        api_key=api_key, timeout_s=timeout_s, model=name)
 
 
 def _running_overrides(app_details: Dict[str, Any]) -> Dict[str, Any]:
     """Overrides that keep a running application's autoscaling, actor options, auth and batch size."""
-    from .serving import DEPLOYMENT
-
     cfg = app_details.get("deployed_app_config") or {}
     args = cfg.get("args") or {}
-    dep = next((d for d in cfg.get("deployments") or [] if d.get("name") == DEPLOYMENT), {})
+    dep = next((d for d in cfg.get("deployments") or [] if d.get("name") == names.DEPLOYMENT), {})
     out: Dict[str, Any] = {}
     if dep.get("autoscaling_config"):
         out["autoscaling"] = dict(dep["autoscaling_config"])
     if dep.get("ray_actor_options"):
         out["ray_actor_options"] = dict(dep["ray_actor_options"])
-    if "auth" in args:
-        out["auth"] = args["auth"]
-    if "max_batch_size" in args:
-        out["max_batch_size"] = args["max_batch_size"]
+    for k in ("auth", "max_batch_size"):
+        if k in args:
+            out[k] = args[k]
     return out
 
 
-def memory_estimate(spec: JobSpec) -> Dict[str, Any]:
-    """Per-worker model-state memory for ``--dry-run``: :func:`zeroplane.estimate.estimate` without the
-    runtime (no torch/deepspeed import); ``{"error": …}`` when the model cannot be counted from its config."""
-    from .estimate import estimate
-
-    try:
-        return estimate(spec, runtime=False)
-    except Exception as e:  # a dry run must still show the request
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-
-
-def storage_of_checkpoint_path(path: str) -> Storage:
-    """The storage root holding a checkpoint folder ``<root>/jobs/<job_id>/checkpoint_step_N``.
-
-    Raises:
-        SpecError: the path does not have that shape.
-    """
-    from .checkpoints import step_of
-    from .errors import SpecError
-
-    parts = path.rstrip("/").rsplit("/", 3)
-    if len(parts) != 4 or parts[1] != "jobs" or step_of(parts[3]) is None:
-        raise SpecError(f"{path!r} is not a checkpoint folder <storage>/jobs/<job>/checkpoint_step_NNNNNNN; "
-                        "give a job id or such a path")
-    return Storage.from_uri(parts[0] or "/")
-
-
-def preflight_storage(storage: Storage) -> None:
-    """Check that the storage root is writable by writing and deleting a small file.
-
-    Raises:
-        ZeroplaneError: one line naming the storage (for S3: bucket and endpoint) and the error; never
-            the credentials.
-    """
-    probe = storage.path(".zeroplane-preflight")
-    try:
-        storage.write_bytes(probe, b"ok")
-        storage.fs.delete_file(probe)
-    except Exception as e:
-        raise ZeroplaneError(storage_error(storage, "is not writable", e)) from None
-
-
-def storage_error(storage: Storage, what: str, e: BaseException) -> str:
-    """One line: ``storage <uri> (bucket B at endpoint E) <what>: <first line of e>``.
-
-    Secret values from the environment are blanked in case a library echoes them back.
-    """
-    text = " ".join(str(e).split()) or type(e).__name__
-    for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
-        if len(os.environ.get(k) or "") >= 8:  # shorter values would blank ordinary letters
-            text = text.replace(os.environ[k], "***")
-    if len(text) > 300:
-        text = text[:300] + "…"
-    where = "" if storage.is_local else (
-        f" (bucket {storage.bucket!r} at endpoint {storage.endpoint_url or 'AWS default'})")
-    return f"storage {storage.uri}{where} {what}: {text}"
-
-
 def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0.0, seed: Optional[int] = None,
-             api_key: Optional[str] = None, timeout_s: float = 120.0) -> Dict[str, Any]:
-    """POST a completion to a deployed model (``url`` from :meth:`Client.deploy`).
+             api_key: Optional[str] = None, timeout_s: float = 120.0, model: Optional[str] = None) -> Dict[str, Any]:
+    """A completion from a deployed model through the official ``openai`` client (base URL ``<url>/v1``).
+
+    Args:
+        url: the application URL (:meth:`Client.serve_url`).
+        prompt: the text to continue.
+        max_tokens, temperature, seed: OpenAI's request fields (temperature 0 = greedy).
+        api_key: bearer key (None: no ``Authorization`` header).
+        timeout_s: seconds for the whole request (default 120).
+        model: the ``model`` field (default: the last path segment of ``url``).
+
+    Returns:
+        The OpenAI completion object as a dict (``choices[0].text``, ``model``, ``usage``).
 
     Raises:
         ZeroplaneError: connection failure or an error answer (with the server's reason).
     """
-    import requests
+    import openai
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    body: Dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
-    if seed is not None:
-        body["seed"] = seed
+    # openai requires some key; without one the server answers 401 and the message says how to make one
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", timeout=timeout_s, max_retries=0)
+    extra = {"seed": seed} if seed is not None else {}
     try:
-        r = requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=timeout_s)
-    except requests.RequestException as e:
+        res = client.completions.create(model=model or url.rstrip("/").rsplit("/", 1)[-1], prompt=prompt,
+                                        max_tokens=max_tokens, temperature=temperature, **extra)
+    except openai.APIConnectionError as e:
         raise ZeroplaneError(f"cannot reach {url}: {e}") from None
-    if r.status_code != 200:
+    except openai.APIStatusError as e:
         try:
-            reason = r.json()["error"]["message"]
+            reason = e.response.json()["error"]["message"]
         except Exception:
-            reason = r.text[:300]
-        hint = " (create a key with `zeroplane serve keys create --save`)" if r.status_code == 401 else ""
-        if r.status_code == 404 and "not found" in reason.lower() and "Ping" in reason:
+            reason = e.response.text[:300]
+        hint = " (create a key with `zeroplane serve keys create --save`)" if e.status_code == 401 else ""
+        if e.status_code == 404 and "not found" in reason.lower() and "Ping" in reason:
             reason = "no such application on this cluster's Ray Serve"
             hint = " (`zeroplane serve status` lists deployed models; `zeroplane promote` deploys one)"
-        raise ZeroplaneError(f"{url} answered {r.status_code}: {reason}{hint}")
-    return r.json()
+        raise ZeroplaneError(f"{url} answered {e.status_code}: {reason}{hint}") from None
+    return res.model_dump(exclude_none=True)
+
+
+# ---------------------------------------------------------------------- calls that need no Client
+# The CLI imports only this module (and its own); these are the non-cluster operations it offers.
+from . import __version__  # noqa: E402,F401
+from .spec import json_schema, load_spec  # noqa: E402,F401
+
+
+def estimate(spec: JobSpec) -> Dict[str, Any]:
+    """Per-worker memory for model states of ``spec`` (:func:`zeroplane.estimate.estimate`)."""
+    from .estimate import estimate as _estimate
+
+    return _estimate(spec)
+
+
+def check_name(name: str, what: str = "--name") -> str:
+    """Validate a model name (see :func:`zeroplane.names.check_name`).
+
+    Raises:
+        SpecError: names the value and the rule.
+    """
+    return names.check_name(name, what)
+
+
+def parse_model_ref(ref: str):
+    """``name`` or ``name:vN`` -> ``(name, "vN" | None)``.
+
+    Raises:
+        SpecError: a malformed reference.
+    """
+    return parse_ref(ref)
+
+
+def cluster_up(num_cpus: Optional[int] = None, dashboard_port: Optional[int] = None,
+               serve_http_port: Optional[int] = None):
+    """Start the embedded local Ray head, or return the one already running
+    (:func:`zeroplane.cluster.start_local_head`); returns its ``ClusterInfo``."""
+    from .cluster import start_local_head
+
+    return start_local_head(num_cpus=num_cpus, dashboard_port=dashboard_port, serve_http_port=serve_http_port)
+
+
+def cluster_down(grace_s: float = 10.0) -> List[int]:
+    """Stop the local head zeroplane started, and only that; returns the pids it ended."""
+    from .cluster import stop_local_head
+
+    return stop_local_head(grace_s=grace_s)
+
+
+def cluster_launcher(action: str, config: str) -> None:
+    """``ray up|down -y CONFIG`` through the Ray cluster launcher (:func:`zeroplane.cluster.run_launcher`)."""
+    from .cluster import run_launcher
+
+    run_launcher(action, config)
+
+
+def api_key_path():
+    """``<zeroplane home>/api_key``: where ``serve keys create --save`` keeps a key for ``complete``."""
+    from .cluster import state_dir
+
+    return state_dir() / "api_key"
+
+
+def save_api_key(key: str):
+    """Write ``key`` to :func:`api_key_path` (mode 0600, atomically); returns the path."""
+    from .storage import write_file_atomic
+
+    path = api_key_path()
+    write_file_atomic(path, (key + "\n").encode(), mode=0o600)
+    return path
+
+
+def saved_api_key() -> Optional[str]:
+    """The key saved by :func:`save_api_key`, or None."""
+    path = api_key_path()
+    return path.read_text().strip() if path.exists() else None
+
+
+def render_rayjob(spec: JobSpec, job_id: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+    """A KubeRay RayJob manifest for ``spec`` (:func:`zeroplane.kuberay.render_rayjob`; ``kwargs`` pass on)."""
+    from .kuberay import render_rayjob as _render
+
+    return _render(spec, job_id=job_id or new_job_id(spec.name), **kwargs)
+
+
+def render_rayservice(ref: str, storage: Optional[str] = None, profile: Optional[str] = None,
+                      **kwargs: Any) -> Dict[str, Any]:
+    """A KubeRay RayService manifest serving the registered version ``ref`` (``NAME[:vN]``)."""
+    from .kuberay import render_rayservice as _render
+
+    name, version = parse_ref(ref)
+    st = Storage.from_uri(storage or default_storage(profile))
+    rec = Registry(st).get(name, version)
+    return _render(name, rec, st.uri, rec.get("serve_defaults") or {}, **kwargs)
+
+
+def render_raycluster(**kwargs: Any) -> Dict[str, Any]:
+    """A KubeRay RayCluster manifest (:func:`zeroplane.kuberay.render_raycluster`)."""
+    from .kuberay import render_raycluster as _render
+
+    return _render(**kwargs)
+
+
+def manifest_text(manifest: Dict[str, Any], fmt: str = "yaml") -> str:
+    """A manifest as YAML (``fmt="yaml"``) or JSON."""
+    from .kuberay import to_json, to_yaml
+
+    return to_json(manifest) if fmt == "json" else to_yaml(manifest)

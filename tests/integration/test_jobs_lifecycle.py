@@ -61,19 +61,19 @@ def test_stop_leaves_nothing_running_then_resume_continues_the_job(head):
     spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml",
                      [f"checkpoint.storage_path={storage}", "train.max_steps=200", "checkpoint.every_n_steps=4",
                       "train.eval_every_n_steps=1000", "checkpoint.num_to_keep=null"])
-    job = zp.submit(spec)["job_id"]
+    job = zp.submit(spec).job_id
     deadline = time.monotonic() + 240
     while not any(e["event"] == "checkpoint" for e in _events(zp, job)):
         assert zp.jobs.status(job) in ("PENDING", "RUNNING") and time.monotonic() < deadline, zp.jobs.logs(job)[-3000:]
         time.sleep(1)
     start = next(e for e in _events(zp, job) if e["event"] == "start")
-    pids = [zp.jobs.info(job)["driver_pid"], *start["worker_pids"]]
+    pids = [zp.jobs.info(job).driver_pid, *start["worker_pids"]]
     assert len(pids) == 3 and all(_alive(p) for p in pids)
 
     stopped = CliRunner().invoke(main, ["train", "stop", job, "--wait-s", "90"])
     assert stopped.exit_code == 0 and stopped.output.strip() == f"{job}: STOPPED", stopped.output
     assert [p for p in pids if _alive(p)] == []  # the answer came only after every process was gone
-    assert zp.jobs.live_actors(zp.jobs.info(job)["ray_job_id"]) == []
+    assert zp.jobs.live_actors(zp.jobs.info(job).ray_job_id) == []
     reached = max(c.step for c in zp.checkpoints(job))
 
     res = CliRunner().invoke(main, ["train", "resume", job, "--set", "train.max_steps=" + str(reached + 4),
@@ -88,21 +88,19 @@ def test_stop_leaves_nothing_running_then_resume_continues_the_job(head):
     # one job, two submissions: checkpoints and the listing agree
     assert [c.step for c in zp.checkpoints(out["job_id"])][-1] == reached + 4
     assert zp.checkpoints(job) == zp.checkpoints(out["job_id"])
-    listed = {j["job_id"]: j for j in zp.jobs.list()}
-    assert listed[f"{job}-r1"]["zeroplane_job_id"] == job and listed[job]["status"] == "STOPPED"
-    assert zp.status(out["job_id"])["result"]["status"] == "SUCCEEDED"
+    listed = {j.job_id: j for j in zp.jobs.list()}
+    assert listed[f"{job}-r1"].zeroplane_job_id == job and listed[job].status == "STOPPED"
+    assert zp.status(out["job_id"]).result["status"] == "SUCCEEDED"
 
 
 def test_bad_runtime_env_fails_with_reason_in_bounded_time(head):
-    from zeroplane.backends.rayjobs import build_request
-
     zp, storage = head
     spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml", [f"checkpoint.storage_path={storage}"])
-    req = build_request(spec, "itest-bad-env")
-    req["runtime_env"]["py_modules"] = ["gcs://_ray_pkg_0123456789abcdef.zip"]  # a package nobody uploaded
+    req = zp.jobs.dryrun(spec, "itest-bad-env")
+    req.runtime_env["py_modules"] = ["gcs://_ray_pkg_0123456789abcdef.zip"]  # a package nobody uploaded
     t0 = time.monotonic()
     zp.jobs.submit(req)
     assert zp.wait("itest-bad-env", timeout_s=120, poll_s=0.5) == "FAILED"
     assert time.monotonic() - t0 < 120
-    msg = zp.jobs.info("itest-bad-env")["message"]
+    msg = zp.jobs.info("itest-bad-env").message
     assert "runtime" in msg.lower() and "_ray_pkg_0123456789abcdef" in msg, msg

@@ -117,7 +117,7 @@ def test_rollout_and_rollback_drop_no_request(head):
     assert {"tiny:v1", "tiny:v2"} <= {model for _, _, model in results}
 
     back = zp.rollback("tiny", storage=storage)
-    assert (back["from"], back["to"]) == ("v2", "v1")
+    assert (back.from_version, back.to_version) == ("v2", "v1")
     assert {_ask(url, key).json()["model"] for _ in range(3)} == {"tiny:v1"}
     with pytest.raises(Exception, match="oldest"):
         zp.rollback("tiny", storage=storage)
@@ -138,23 +138,23 @@ def test_canary_splits_traffic_and_status_reports_it(head):
 
     deadline = time.monotonic() + 90  # Ray's metrics agent exports every few seconds
     while True:
-        (row,) = [r for r in zp.serve_status() if r["name"] == "tiny"]
-        by_version = {v["version"]: v for v in row["versions"]}
+        (row,) = [r for r in zp.serve_status() if r.name == "tiny"]
+        by_version = {v["version"]: v for v in row.versions}
         if all((by_version[v]["requests"] or 0) >= answered[f"tiny:{v}"] for v in ("v1", "v2")):
             break
         assert time.monotonic() < deadline, row
         time.sleep(2)
-    assert [(v["version"], v["weight_percent"]) for v in row["versions"]] == [("v1", 50.0), ("v2", 50.0)]
-    assert all(v["running_replicas"] == 1 for v in row["versions"])
+    assert [(v["version"], v["weight_percent"]) for v in row.versions] == [("v1", 50.0), ("v2", 50.0)]
+    assert all(v["running_replicas"] == 1 for v in row.versions)
 
     back = zp.rollback("tiny", storage=storage)  # ends the split
-    assert (back["from"], back["to"]) == ("v2", "v1")
+    assert (back.from_version, back.to_version) == ("v2", "v1")
     assert {_ask(url, key).json()["model"] for _ in range(6)} == {"tiny:v1"}
 
 
 def _running_replicas(zp) -> int:
-    (row,) = [r for r in zp.serve_status(with_requests=False) if r["name"] == "tiny"]
-    return sum(v["running_replicas"] for v in row["versions"])
+    (row,) = [r for r in zp.serve_status(with_requests=False) if r.name == "tiny"]
+    return sum(v["running_replicas"] for v in row.versions)
 
 
 def test_autoscaling_up_under_load_and_to_zero_when_idle(head):
@@ -163,9 +163,9 @@ def test_autoscaling_up_under_load_and_to_zero_when_idle(head):
             "upscale_delay_s": 1, "downscale_delay_s": 3}
     url = zp.deploy("tiny", "v1", storage=storage,
                     overrides={"autoscaling": auto, "ray_actor_options": {"num_cpus": 0.25}})
-    (row,) = [r for r in zp.serve_status(with_requests=False) if r["name"] == "tiny"]
-    assert row["versions"][0]["autoscaling"]["upscale_delay_s"] == 1
-    assert row["versions"][0]["autoscaling"]["downscale_delay_s"] == 3
+    (row,) = [r for r in zp.serve_status(with_requests=False) if r.name == "tiny"]
+    assert row.versions[0]["autoscaling"]["upscale_delay_s"] == 1
+    assert row.versions[0]["autoscaling"]["downscale_delay_s"] == 3
     # scaled to zero (or on its way): a request is answered after a cold start
     assert _ask(url, key).status_code == 200
 

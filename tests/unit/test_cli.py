@@ -290,8 +290,8 @@ def test_unexpected_error_keeps_the_exception_with_zeroplane_debug(tmp_path, mon
 def test_plan_needs_no_cluster_and_keeps_the_job_id():
     spec = load_spec(TINY)
     plan = Client.plan(spec, job_id="tiny-cpu-fixed")
-    assert plan["job_id"] == "tiny-cpu-fixed"
-    assert plan["ray_job_request"]["submission_id"] == "tiny-cpu-fixed"
+    assert plan.job_id == "tiny-cpu-fixed"
+    assert plan.to_dict()["ray_job_request"]["submission_id"] == "tiny-cpu-fixed"
 
 
 def test_build_request_keeps_secrets_and_redact_masks_a_copy(monkeypatch):

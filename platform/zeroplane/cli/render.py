@@ -11,6 +11,9 @@ from typing import Any, Dict
 
 import click
 
+from .context import pass_zp
+from .options import NO_AUTH, SET, STORAGE
+
 IMAGE_HELP = ("Container image with zeroplane installed (default rayproject/ray:2.60.0-py311, -gpu for GPU "
               "workers; build one FROM it with `pip install torch zeroplane`).")
 _FORMAT = click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True,
@@ -23,9 +26,9 @@ _AUTH_SECRET = click.option("--auth-secret", default="zeroplane-ray-auth", show_
 
 
 def _emit(manifest: Dict[str, Any], output: str) -> None:
-    from ..kuberay import to_json, to_yaml
+    from ..sdk import manifest_text
 
-    click.echo(to_json(manifest) if output == "json" else to_yaml(manifest), nl=False)
+    click.echo(manifest_text(manifest, output), nl=False)
 
 
 @click.group("render")
@@ -40,7 +43,7 @@ def kuberay() -> None:
 
 @kuberay.command("rayjob")
 @click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. train.max_steps=10.")
+@SET
 @click.option("--job-id", default=None, help="Ray job id and storage folder jobs/<id> (default: <name>-<UTC time>-<hex>, "
                                               "as `train submit`; a fixed id resumes from its checkpoints).")
 @click.option("--image", default=None, help=IMAGE_HELP)
@@ -54,46 +57,37 @@ def kuberay() -> None:
 def rayjob(spec_file, overrides, job_id, image, ttl_s, worker_memory, namespace, storage_secret, auth_secret,
            output) -> None:
     """A RayJob running the job spec SPEC on its own RayCluster (one worker pod per Ray Train worker)."""
-    from ..backends.rayjobs import new_job_id
-    from ..kuberay import render_rayjob
-    from ..spec import load_spec
+    from ..sdk import load_spec, render_rayjob
 
     spec = load_spec(spec_file, list(overrides))
-    _emit(render_rayjob(spec, job_id=job_id or new_job_id(spec.name), image=image, namespace=namespace,
+    _emit(render_rayjob(spec, job_id=job_id, image=image, namespace=namespace,
                         storage_secret=storage_secret, auth_secret=auth_secret, ttl_seconds_after_finished=ttl_s,
                         worker_memory=worker_memory), output)
 
 
 @kuberay.command("rayservice")
 @click.argument("ref", metavar="MODEL[:VERSION]")
-@click.option("--storage", default=None, help="Storage root holding the registry (default: $ZEROPLANE_STORAGE "
-                                               "or ~/.zeroplane/storage); must be s3:// for Kubernetes.")
+@STORAGE
 @click.option("--image", default=None, help=IMAGE_HELP)
 @click.option("--min-replicas", type=click.IntRange(0), default=None, help="Override serve.autoscaling.min_replicas.")
 @click.option("--max-replicas", type=click.IntRange(1), default=None, help="Override serve.autoscaling.max_replicas.")
-@click.option("--no-auth", is_flag=True, help="Serve WITHOUT API keys.")
+@NO_AUTH
 @_NAMESPACE
 @_STORAGE_SECRET
 @_AUTH_SECRET
 @_FORMAT
-def rayservice(ref, storage, image, min_replicas, max_replicas, no_auth, namespace, storage_secret, auth_secret,
+@pass_zp
+def rayservice(zp, ref, storage, image, min_replicas, max_replicas, no_auth, namespace, storage_secret, auth_secret,
                output) -> None:
     """A RayService serving a registered version MODEL[:vN] (newest by default), as `promote` deploys it."""
-    from ..kuberay import render_rayservice
-    from ..registry import Registry, parse_ref
-    from ..sdk import default_storage
-    from ..storage import Storage
+    from ..sdk import render_rayservice
 
-    name, version = parse_ref(ref)
-    st = Storage.from_uri(storage or default_storage())
-    rec = Registry(st).get(name, version)
     overrides: Dict[str, Any] = {"autoscaling": {k: v for k, v in {"min_replicas": min_replicas,
                                                                     "max_replicas": max_replicas}.items()
                                                  if v is not None}}
     if no_auth:
         overrides["auth"] = False
-        click.echo("WARNING: --no-auth: the endpoint will answer anyone who can reach it", err=True)
-    _emit(render_rayservice(name, rec, st.uri, rec.get("serve_defaults") or {}, image=image, namespace=namespace,
+    _emit(render_rayservice(ref, storage, profile=zp.profile, image=image, namespace=namespace,
                             storage_secret=storage_secret, auth_secret=auth_secret, overrides=overrides), output)
 
 
@@ -115,7 +109,7 @@ def rayservice(ref, storage, image, min_replicas, max_replicas, no_auth, namespa
 def raycluster(name, image, workers, max_workers, worker_cpus, worker_gpus, worker_memory, namespace,
                storage_secret, auth_secret, output) -> None:
     """A long-lived RayCluster; port-forward its head and use it with --address like any Ray cluster."""
-    from ..kuberay import render_raycluster
+    from ..sdk import render_raycluster
 
     _emit(render_raycluster(name=name, image=image,
                             workers=workers, max_workers=max_workers, worker_cpus=worker_cpus,

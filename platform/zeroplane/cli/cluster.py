@@ -1,0 +1,62 @@
+"""``zeroplane cluster up|down|status``."""
+
+from __future__ import annotations
+
+import click
+
+from .context import pass_zp
+from .options import ADDRESS, OUTPUT
+from .output import console, emit_json, table
+
+
+@click.group()
+def cluster() -> None:
+    """Start, inspect and stop the Ray cluster zeroplane talks to."""
+
+
+@cluster.command("up")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--num-cpus", type=int, default=None, help="CPUs the local head offers (default: max(cores, 4)).")
+@click.option("--dashboard-port", type=int, default=None, help="Dashboard port (default 8265 if free).")
+@click.option("--serve-port", type=int, default=None, help="Ray Serve HTTP port (default 8000 if free).")
+@OUTPUT
+def cluster_up(config, num_cpus, dashboard_port, serve_port, output) -> None:
+    """Start the embedded local Ray head (or return the one already running); with CONFIG, create or
+    update that cluster with the Ray cluster launcher (`ray up -y CONFIG`, e.g. cluster/aws.yaml)."""
+    from .. import sdk
+
+    if config:
+        return sdk.cluster_launcher("up", config)
+    with console(stderr=True).status("starting a local Ray head"):
+        info = sdk.cluster_up(num_cpus=num_cpus, dashboard_port=dashboard_port, serve_http_port=serve_port)
+    if output == "json":
+        return emit_json(info)
+    click.echo(f"Ray head up: dashboard {info.dashboard_url}, GCS {info.address}, Serve port {info.serve_http_port}")
+
+
+@cluster.command("down")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--grace-s", type=float, default=10.0, show_default=True, help="Seconds between SIGTERM and SIGKILL.")
+def cluster_down(config, grace_s) -> None:
+    """Stop the local Ray head zeroplane started (and only that); with CONFIG, tear that cluster down
+    with the Ray cluster launcher (`ray down -y CONFIG`)."""
+    from .. import sdk
+
+    if config:
+        return sdk.cluster_launcher("down", config)
+    pids = sdk.cluster_down(grace_s=grace_s)
+    click.echo(f"stopped {len(pids)} processes" if pids else "no local zeroplane cluster was running")
+
+
+@cluster.command("status")
+@ADDRESS
+@OUTPUT
+@pass_zp
+def cluster_status(zp, output) -> None:
+    """Nodes, resources and jobs of the cluster."""
+    st = zp.client.cluster_status()
+    if output == "json":
+        return emit_json(st)
+    click.echo(f"cluster {st.dashboard_url} alive={st.alive} resources={st.resources} jobs={st.jobs}")
+    table("nodes", ["node", "ip", "alive", "CPUs", "GPUs"],
+          [[(n.get("node_id") or "")[:12], n.get("ip"), n.get("alive"), n.get("cpus"), n.get("gpus")] for n in st.nodes])

@@ -1,0 +1,129 @@
+"""``zeroplane serve status|deploy|rollback|delete`` and ``zeroplane serve keys create|list|revoke``."""
+
+from __future__ import annotations
+
+import click
+
+from .context import pass_zp
+from .options import ADDRESS, AUTOSCALING, CANARY, NO_AUTH, OUTPUT, STORAGE, pop_overrides
+from .output import emit_json, err, table
+
+
+@click.group()
+def serve() -> None:
+    """Ray Serve applications of registered models, and their API keys."""
+
+
+@serve.command("status")
+@click.option("--no-requests", is_flag=True, help="Skip the request counts (read from Ray's metrics export).")
+@ADDRESS
+@OUTPUT
+@pass_zp
+def serve_status(zp, no_requests, output) -> None:
+    """Applications: versions and traffic weights, replicas, requests and errors per version."""
+    rows = zp.client.serve_status(with_requests=not no_requests)
+    if output == "json":
+        return emit_json(rows)
+    if not rows:
+        click.echo("no Serve applications; deploy one with `zeroplane promote` or `zeroplane serve deploy`")
+        return
+    out = []
+    for r in rows:
+        for v in r.versions or [{}]:
+            reps = v.get("replicas") or {}
+            auto = v.get("autoscaling") or {}
+            out.append([r.name, v.get("version"), f"{v.get('weight_percent', 0):g}%", r.status,
+                        ", ".join(f"{n} {st.lower()}" for st, n in sorted(reps.items())) or "0",
+                        f"{auto.get('min_replicas', '-')}..{auto.get('max_replicas', '-')}" if auto else "-",
+                        "-" if v.get("requests") is None else int(v["requests"]),
+                        "-" if v.get("errors") is None else int(v["errors"]), r.url])
+    table(None, ["app", "version", "weight", "status", "replicas", "min..max", "requests", "errors", "url"], out)
+
+
+@serve.command("deploy")
+@click.argument("ref")
+@STORAGE
+@CANARY
+@AUTOSCALING
+@NO_AUTH
+@ADDRESS
+@pass_zp
+def serve_deploy(zp, ref, storage, canary, no_auth, **autoscaling) -> None:
+    """Deploy a registered version NAME[:vN] (newest by default). A running application is updated in
+    place without dropping requests; --canary PERCENT splits the traffic with the running version instead."""
+    from ..sdk import parse_model_ref
+
+    name, version = parse_model_ref(ref)
+    overrides = pop_overrides(autoscaling, no_auth)
+    url = zp.client.deploy(name, version, storage=storage, overrides=overrides,
+                           progress=lambda m: err(f"  {m}"), canary_percent=canary)
+    what = f"{ref} as a {canary:g}% canary" if canary is not None else ref
+    click.echo(f"serving {what} at {url}/v1/completions")
+
+
+@serve.command("rollback")
+@click.argument("name")
+@STORAGE
+@ADDRESS
+@OUTPUT
+@pass_zp
+def serve_rollback(zp, name, storage, output) -> None:
+    """Undo the last rollout of NAME: drop a canary, else deploy the version registered before the
+    running one (in place, without dropping requests)."""
+    res = zp.client.rollback(name, storage=storage, progress=lambda m: err(f"  {m}"))
+    if output == "json":
+        return emit_json(res)
+    click.echo(f"rolled back {name}: {res.from_version} -> {res.to_version} at {res.url}")
+
+
+@serve.command("delete")
+@click.argument("name")
+@ADDRESS
+@pass_zp
+def serve_delete(zp, name) -> None:
+    """Remove the Serve application of model NAME."""
+    zp.client.serve_delete(name)
+    click.echo(f"deleted application {name}")
+
+
+@serve.group("keys")
+def keys() -> None:
+    """API keys for the serving endpoints (stored hashed in the storage)."""
+
+
+@keys.command("create")
+@click.option("--name", "key_name", default=None, help="A label for the key.")
+@STORAGE
+@click.option("--save", is_flag=True, help="Also save the key to ~/.zeroplane/api_key for `zeroplane complete`.")
+@pass_zp
+def keys_create(zp, key_name, storage, save) -> None:
+    """Create a key; it is printed once and only its hash is stored."""
+    new = zp.client.create_key(key_name, storage=storage)
+    if save:
+        from ..sdk import save_api_key
+
+        err(f"saved to {save_api_key(new.key)}")
+    click.echo(new.key)
+    err(f"key id {new.record['id']} created; it will not be shown again")
+
+
+@keys.command("list")
+@STORAGE
+@OUTPUT
+@pass_zp
+def keys_list(zp, storage, output) -> None:
+    """Key ids, labels and whether they are revoked (never the keys)."""
+    rows = zp.client.list_keys(storage=storage)
+    if output == "json":
+        return emit_json(rows)
+    table(None, ["id", "name", "created", "revoked"], [[r["id"], r.get("name"), r.get("created_at"), r.get("revoked")] for r in rows])
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@STORAGE
+@pass_zp
+def keys_revoke(zp, key_id, storage) -> None:
+    """Revoke a key by id (takes effect within seconds)."""
+    zp.client.revoke_key(key_id, storage=storage)
+    click.echo(f"revoked {key_id}")

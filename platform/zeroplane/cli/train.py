@@ -1,0 +1,209 @@
+"""``zeroplane train submit|resume|status|logs|list|stop|estimate``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional
+
+import click
+
+from .context import pass_zp
+from .options import ADDRESS, OUTPUT, SET, TIMEOUT, WAIT
+from .output import console, emit_json, err, fmt, table
+
+
+@click.group()
+def train() -> None:
+    """Submit and follow training jobs."""
+
+
+@train.command("submit")
+@click.argument("file", type=click.Path(dir_okay=False))
+@SET
+@click.option("--dry-run", is_flag=True, help="Run every preflight and print the resolved spec, DeepSpeed config and "
+                                              "the exact Ray job request (secrets masked); submit nothing.")
+@WAIT
+@TIMEOUT
+@ADDRESS
+@OUTPUT
+@pass_zp
+def train_submit(zp, file, overrides, dry_run, wait, timeout_s, output) -> None:
+    """Submit the job spec FILE as a Ray Job running a Ray Train TorchTrainer with DeepSpeed."""
+    from ..sdk import load_spec
+
+    s = load_spec(file, list(overrides))
+    if dry_run:
+        return emit_json(zp.client.dryrun(s))
+    sub = zp.client.submit(s)
+    if output == "json" and not wait:
+        return emit_json({"job_id": sub.job_id, "storage": sub.storage})
+    err(f"submitted {sub.job_id} to {zp.client.cluster.dashboard_url}; checkpoints in {sub.storage}")
+    _wait_or_print(zp.client, sub.job_id, sub.max_steps, wait, timeout_s, output)
+
+
+@train.command("resume")
+@click.argument("job_id")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field of the job's original spec, e.g. train.max_steps=600.")
+@WAIT
+@TIMEOUT
+@ADDRESS
+@OUTPUT
+@pass_zp
+def train_resume(zp, job_id, overrides, wait, timeout_s, output) -> None:
+    """Continue the ended job JOB_ID from its newest complete checkpoint.
+
+    Submits a new Ray Job JOB_ID-r<k> with the job's original spec (train.stop_after_steps cleared,
+    then --set applied) that runs under the same job id: same run folder, same checkpoints.
+    """
+    sub = zp.client.resume(job_id, list(overrides))
+    if output == "json" and not wait:
+        return emit_json(sub)
+    start = f"step {sub.resume_step}" if sub.resume_step is not None else "step 0 (no complete checkpoint yet)"
+    err(f"submitted {sub.job_id}: resumes job {sub.zeroplane_job_id} from {start}; checkpoints in {sub.storage}")
+    _wait_or_print(zp.client, sub.job_id, sub.max_steps, wait, timeout_s, output)
+
+
+def _wait_or_print(client, job_id: str, max_steps: int, wait: bool, timeout_s: Optional[float], output: str) -> None:
+    """After a submission: follow the job to its end (exit 1 unless it SUCCEEDED; ``-o json`` prints its
+    final status), or just print its id."""
+    if not wait:
+        click.echo(job_id)
+        return
+    status = _follow(client, job_id, max_steps, timeout_s, to_stderr=output == "json")
+    if output == "json":
+        emit_json(client.status(job_id))
+    if status != "SUCCEEDED":
+        from ..sdk import ZeroplaneError
+
+        raise ZeroplaneError(f"job {job_id} {status}: {client.job_info(job_id).message or ''} "
+                             f"(`zeroplane train logs {job_id}`)")
+
+
+def _follow(client, job_id: str, max_steps: int, timeout_s: Optional[float] = None, to_stderr: bool = False) -> str:
+    """Live progress bar (step, loss, tokens/s) until the job ends; returns its status.
+
+    Raises:
+        ZeroplaneError: ``timeout_s`` seconds passed first (the job is left running).
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    state: Dict[str, Any] = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console(stderr=True),
+                  transient=False) as bar:
+        task = bar.add_task(job_id, total=max_steps, info="waiting for workers")
+
+        def on_event(ev: Dict[str, Any]) -> None:
+            kind = ev.get("event")
+            if kind == "start":
+                bar.update(task, completed=ev.get("start_step", 0),
+                           info=f"{ev.get('parameters', 0) / 1e6:.2f}M params, ZeRO-{ev.get('zero_stage')}, "
+                                f"{ev.get('world_size')} workers")
+            elif kind == "eval" and ev.get("step") == 0:
+                bar.console.print(f"step 0: val_loss {ev['val_loss']:.4f}")
+            elif kind == "step":
+                bar.update(task, completed=ev["step"], info=f"loss {ev['loss']:.4f}  {ev['tokens_per_s']:,.0f} tok/s")
+                if "val_loss" in ev:
+                    bar.console.print(f"step {ev['step']}: train_loss {ev['loss']:.4f} val_loss {ev['val_loss']:.4f}")
+            elif kind == "checkpoint":
+                bar.console.print(f"step {ev['step']}: checkpoint {ev['path']}")
+            elif kind == "resumed":
+                bar.console.print(f"resumed at step {ev['step']} from {ev['from']}")
+            elif kind == "done":
+                state["done"] = ev
+
+        status = client.wait(job_id, on_event=on_event, timeout_s=timeout_s)
+    done = state.get("done")
+    if done:
+        click.echo(f"{job_id} {status}: validation loss {fmt(done.get('val_loss_step0'), 4)} at step 0 -> "
+                   f"{fmt(done.get('val_loss'), 4)} at step {done.get('step')}", err=to_stderr)
+    else:
+        click.echo(f"{job_id} {status}", err=to_stderr)
+    return status
+
+
+@train.command("estimate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. deepspeed.zero_stage=3.")
+@OUTPUT
+def train_estimate(file, overrides, output) -> None:
+    """Per-worker memory for model states of the job spec FILE: the ZeRO paper's formula next to
+    DeepSpeed's own estimator (activations not included)."""
+    from ..sdk import estimate, load_spec
+
+    s = load_spec(file, list(overrides))
+    est = estimate(s)
+    if output == "json":
+        return emit_json(est)
+    p, d = est["paper"], est["deepspeed"]
+    size = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"  # noqa: E731
+    click.echo(f"{s.name}: {est['parameters'] / 1e6:.2f}M parameters, ZeRO-{est['zero_stage']}, {est['workers']} workers, "
+               f"{est['precision']}")
+    click.echo(f"  ZeRO paper (K={p['k']}): {size(p['device_bytes'])} per worker"
+               + (f" + {size(p['host_bytes'])} host (offload)" if p["host_bytes"] else "")
+               + f"  [params {size(p['params_bytes'])}, grads {size(p['grads_bytes'])}, "
+                 f"optimizer {size(p['optimizer_bytes'])}]")
+    click.echo(f"  DeepSpeed estimator: {size(d['device_gb'] * 1e9)} per worker, "
+               f"{size(d['host_gb_all_workers'] * 1e9)} host per node" if d else "  DeepSpeed estimator: none for stage 0")
+    click.echo(f"  ({est['note']})")
+
+
+@train.command("status")
+@click.argument("job_id")
+@ADDRESS
+@OUTPUT
+@pass_zp
+def train_status(zp, job_id, output) -> None:
+    """Status, latest step and losses of a job."""
+    st = zp.client.status(job_id)
+    if output == "json":
+        return emit_json(st)
+    p = st.progress or {}
+    click.echo(f"{job_id}: {st.status}"
+               + (f"  step {p.get('step')}/{p.get('max_steps')} loss {fmt(p.get('loss'), 4)} "
+                  f"{p.get('tokens_per_s', 0):,.0f} tok/s" if p else "")
+               + (f"  val_loss {fmt(st.val_loss_step0, 4)} (step 0) -> {fmt(st.val_loss, 4)}"
+                  if st.val_loss is not None else ""))
+    if st.info.message and st.status in ("FAILED", "STOPPED"):
+        click.echo(f"  {st.info.message.strip().splitlines()[-1]}")
+
+
+@train.command("logs")
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@ADDRESS
+@pass_zp
+def train_logs(zp, job_id, follow) -> None:
+    """The job's driver log (worker output included)."""
+    if follow:
+        for chunk in zp.client.follow_logs(job_id):
+            click.echo(chunk, nl=False)
+    else:
+        click.echo(zp.client.logs(job_id), nl=False)
+
+
+@train.command("list")
+@ADDRESS
+@OUTPUT
+@pass_zp
+def train_list(zp, output) -> None:
+    """zeroplane jobs on the cluster, newest first."""
+    jobs = zp.client.list_jobs()
+    if output == "json":
+        return emit_json(jobs)
+    when = lambda ms: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else ""  # noqa: E731
+    table(None, ["job", "resumes job", "status", "started", "ended"],
+          [[j.job_id, j.zeroplane_job_id if j.zeroplane_job_id != j.job_id else "", j.status,
+            when(j.start_time), when(j.end_time)] for j in jobs])
+
+
+@train.command("stop")
+@click.argument("job_id")
+@click.option("--wait-s", type=float, default=120.0, show_default=True,
+              help="How long to wait for the driver and every worker of the job to be gone.")
+@ADDRESS
+@pass_zp
+def train_stop(zp, job_id, wait_s) -> None:
+    """Stop a job; answers once its driver and all its Ray Train actors are gone."""
+    click.echo(f"{job_id}: {zp.client.stop(job_id, wait_s=wait_s)}")
