@@ -1,48 +1,26 @@
-"""Checkpoint layout, the completion marker, and listing complete checkpoints. No ray/torch imports.
+"""Checkpoints in storage: the completion marker, and listing complete checkpoints. No ray/torch imports.
 
 A zeroplane checkpoint is one Ray Train checkpoint folder ``<root>/jobs/<job_id>/checkpoint_<tag>``
-(tag ``step_0000100``) holding::
+(tag ``step_0000100``); its folder and file names, and what each holds, are :mod:`zeroplane.layout`'s.
+It counts only when the marker (:data:`MARKER`, written last) exists and every file it lists is present
+with that size.
 
-    ds/<tag>/...                  every rank's DeepSpeed shards (engine.save_checkpoint on all ranks)
-    ds/latest                     DeepSpeed's pointer to <tag>
-    hf/                           model config + tokenizer files (a Hugging Face folder without weights)
-    rng/rank_<r>.pt               each rank's RNG state (exact resume)
-    probe.json                    probe input ids; probe.safetensors holds its eval-mode logits
-    meta.json                     step, tag, data position, metrics, zero_stage, world_size, spec
-    zeroplane_complete.json       the marker: written last, lists every file and its size
-
-A checkpoint counts only when the marker exists and every file it lists is present with that size.
+``MARKER``, ``tag_for_step``, ``dir_name_for_step`` and ``step_of`` are re-exported from
+:mod:`zeroplane.layout`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from . import layout
+from .layout import CHECKPOINT_MARKER as MARKER
+from .layout import dir_name_for_step, step_of, tag_for_step
 from .storage import Storage
 
-MARKER = "zeroplane_complete.json"
-CKPT_PREFIX = "checkpoint_"
-_TAG_RE = re.compile(r"^step_(\d+)$")
-
-
-def tag_for_step(step: int) -> str:
-    """DeepSpeed tag for an optimizer step, e.g. ``step_0000100`` (sorts in step order)."""
-    return f"step_{step:07d}"
-
-
-def dir_name_for_step(step: int) -> str:
-    """Ray checkpoint folder name for a step, e.g. ``checkpoint_step_0000100``."""
-    return CKPT_PREFIX + tag_for_step(step)
-
-
-def step_of(dir_name: str) -> Optional[int]:
-    """The step encoded in a checkpoint folder name, or None for other names."""
-    if not dir_name.startswith(CKPT_PREFIX):
-        return None
-    m = _TAG_RE.fullmatch(dir_name[len(CKPT_PREFIX):])
-    return int(m.group(1)) if m else None
+__all__ = ["MARKER", "tag_for_step", "dir_name_for_step", "step_of", "CheckpointInfo", "build_marker",
+           "inspect_checkpoint", "list_checkpoints", "latest_complete"]
 
 
 @dataclass
@@ -123,7 +101,7 @@ def inspect_checkpoint(storage: Storage, job_id: str, path: str) -> CheckpointIn
 
 def list_checkpoints(storage: Storage, job_id: str, include_incomplete: bool = False) -> List[CheckpointInfo]:
     """Checkpoints of ``job_id``, oldest first; complete ones only unless ``include_incomplete``."""
-    run_dir = storage.path("jobs", job_id)
+    run_dir = storage.path(layout.job_dir(job_id))
     out = []
     for name in storage.listdir(run_dir):
         if step_of(name) is None:

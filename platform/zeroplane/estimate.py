@@ -110,7 +110,7 @@ def count_parameters(spec: JobSpec) -> Tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .runtime.train.modeling import model_config
+    from .spec.model import model_config
 
     if spec.model.pretrained:
         cfg = AutoConfig.from_pretrained(os.path.expanduser(spec.model.pretrained))

@@ -28,7 +28,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from . import layout
 from .errors import SpecError
+from .names import ENTRYPOINT
 from .spec import JobSpec
 
 API_VERSION = "ray.io/v1"
@@ -213,7 +215,7 @@ def render_rayjob(
         SpecError: ``checkpoint.storage_path`` is a local folder and ``checkpoint.shared_filesystem`` is
             false (pods do not share local disks).
     """
-    from .backends.rayjobs import ENTRYPOINT, build_request
+    from .backends.rayjobs import build_request
 
     ck = spec.checkpoint
     _check_shared_storage(ck.storage_path, ck.shared_filesystem, "checkpoint.storage_path")
@@ -444,7 +446,8 @@ def to_json(manifest: Dict[str, Any]) -> str:
 
 #: The example model version rendered into ``manifests/pydoc-gpt.rayservice.yaml``.
 EXAMPLE_STORAGE = "s3://zeroplane-example/storage"
-EXAMPLE_VERSION = {"name": "pydoc-gpt", "version": "v1", "uri": f"{EXAMPLE_STORAGE}/models/pydoc-gpt/v1"}
+EXAMPLE_VERSION = {"name": "pydoc-gpt", "version": "v1",
+                   "uri": f"{EXAMPLE_STORAGE}/{layout.version_dir('pydoc-gpt', 'v1')}"}
 
 
 def example_manifests(repo: Path) -> Dict[str, str]:

@@ -44,14 +44,15 @@ TOKENIZER_CACHE_DIR = "cache/tokenizers"
 PREFLIGHT_FILE = ".zeroplane-preflight"
 
 # inside one checkpoint folder
-CKPT_PREFIX = "checkpoint_"
 CKPT_DEEPSPEED_DIR = "ds"
 CKPT_HF_DIR = "hf"
 CKPT_RNG_DIR = "rng"
 CKPT_META = "meta.json"
-CKPT_PROBE_IDS = "probe.json"
-CKPT_PROBE_LOGITS = "probe.safetensors"
+#: The probe: its input ids, and the logits the model gave for them when the checkpoint was taken.
+CKPT_PROBE_IDS, CKPT_PROBE_LOGITS = "probe.json", "probe.safetensors"
 
+#: A checkpoint folder is ``CKPT_PREFIX + tag``, the tag ``step_NNNNNNN``.
+CKPT_PREFIX = "checkpoint_"
 _TAG_RE = re.compile(r"^step_(\d+)$")
 _VERSION_RE = re.compile(r"^v(\d+)$")
 

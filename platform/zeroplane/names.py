@@ -57,6 +57,9 @@ SERVE_IMPORT_PATH = "zeroplane.runtime.serve.app:build_app"
 DEPLOYMENT = "ModelServer"
 #: Deployment serving the canary version of a traffic split.
 CANARY_DEPLOYMENT = "ModelServerCanary"
+#: Prometheus counters each replica exports per (model, version); ``serve status`` sums them over replicas.
+METRIC_REQUESTS = "zeroplane_requests_total"
+METRIC_ERRORS = "zeroplane_request_errors_total"
 
 # ------------------------------------------------------------------ names users give
 #: Job and model names: lowercase letters, digits and '-', 1-48 chars, starting and ending with a letter

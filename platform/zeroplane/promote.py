@@ -11,10 +11,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
-from .checkpoints import CheckpointInfo, inspect_checkpoint, latest_complete, step_of
+from . import layout
+from .checkpoints import CheckpointInfo, inspect_checkpoint, latest_complete, list_checkpoints
 from .errors import NotFoundError, SpecError, ZeroplaneError
+from .layout import CheckpointRef
 from .registry import Registry
 from .storage import Storage
 
@@ -24,28 +26,32 @@ from .storage import Storage
 PROBE_ATOL = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
 
 
-def resolve_checkpoint(storage: Storage, ref: str) -> CheckpointInfo:
-    """Find a complete checkpoint from ``<job_id>`` (newest), ``<job_id>@<step>`` or a checkpoint URI.
+def resolve_checkpoint(storage: Storage, ref: Union[str, CheckpointRef]) -> CheckpointInfo:
+    """Find a complete checkpoint from a reference :func:`zeroplane.layout.parse_checkpoint_ref` accepts:
+    ``JOB`` (its newest complete checkpoint), ``JOB@STEP``, or a checkpoint folder path
+    ``<root>/jobs/<job>/checkpoint_step_NNNNNNN`` (local, ``~`` expanded, or ``s3://``; read through
+    ``storage``'s filesystem).
+
+    Args:
+        storage: the storage root to look in.
+        ref: the reference as the user wrote it, or already parsed.
 
     Raises:
+        SpecError: a malformed reference (see :func:`zeroplane.layout.parse_checkpoint_ref`).
         NotFoundError: nothing complete matches (the message says what was found instead).
     """
-    if ref.startswith("s3://") or os.path.sep in ref:
-        path = ref[len("s3://"):] if ref.startswith("s3://") else str(Path(os.path.expanduser(ref)).resolve())
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        job_id = path.rstrip("/").rsplit("/", 2)[-2] if "/" in path.rstrip("/") else "?"
-        if step_of(name) is None:
-            raise NotFoundError(f"{ref!r} is not a checkpoint folder (expected …/checkpoint_step_NNNNNNN)")
-        info = inspect_checkpoint(storage, job_id, path)
+    parsed = ref if isinstance(ref, CheckpointRef) else layout.parse_checkpoint_ref(ref)
+    job_id, step = parsed.job_id, parsed.step
+    if parsed.is_path:
+        root = parsed.storage_uri
+        root = root[len("s3://"):] if root.startswith("s3://") else str(Path(os.path.expanduser(root)).resolve())
+        info = inspect_checkpoint(storage, job_id, f"{root.rstrip('/')}/{layout.checkpoint_dir(job_id, step)}")
         if not info.complete:
             raise NotFoundError(f"checkpoint {ref} is not complete ({info.reason}); it cannot be promoted")
         return info
-    job_id, _, step = ref.partition("@")
-    if step:
-        from .checkpoints import list_checkpoints
-
+    if step is not None:
         for c in list_checkpoints(storage, job_id):
-            if str(c.step) == step:
+            if c.step == step:
                 return c
         raise NotFoundError(f"job {job_id!r} has no complete checkpoint at step {step}; see `zeroplane checkpoints list {job_id}`")
     info = latest_complete(storage, job_id)
@@ -75,18 +81,18 @@ def consolidate(local_ckpt: Path, out_dir: Path, dtype: str = "float32") -> Dict
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    meta = json.loads((local_ckpt / "meta.json").read_text())
+    meta = json.loads((local_ckpt / layout.CKPT_META).read_text())
     if dtype not in PROBE_ATOL:
         raise SpecError(f"--dtype {dtype!r}: use one of {', '.join(PROBE_ATOL)}")
     if meta["zero_stage"] == 0:
-        states = torch.load(local_ckpt / "ds" / meta["tag"] / "mp_rank_00_model_states.pt", map_location="cpu",
+        states = torch.load(local_ckpt / layout.CKPT_DEEPSPEED_DIR / meta["tag"] / "mp_rank_00_model_states.pt", map_location="cpu",
                             weights_only=False)
         state = {k: v.float() for k, v in states["module"].items()}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(local_ckpt / "ds"), tag=meta["tag"])
-    config = AutoConfig.from_pretrained(local_ckpt / "hf")
+        state = get_fp32_state_dict_from_zero_checkpoint(str(local_ckpt / layout.CKPT_DEEPSPEED_DIR), tag=meta["tag"])
+    config = AutoConfig.from_pretrained(local_ckpt / layout.CKPT_HF_DIR)
     model = AutoModelForCausalLM.from_config(config)
     result = model.load_state_dict(state, strict=False)
     tied = set(_tied_keys(model))
@@ -100,7 +106,7 @@ def consolidate(local_ckpt: Path, out_dir: Path, dtype: str = "float32") -> Dict
     model = model.to(getattr(torch, dtype))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(local_ckpt / "hf").save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(local_ckpt / layout.CKPT_HF_DIR).save_pretrained(out_dir)
     return {"zero_stage": meta["zero_stage"], "tag": meta["tag"],
             "parameters": sum(p.numel() for p in set(model.parameters())),
             "missing_tied_keys": sorted(set(result.missing_keys) & tied)}
@@ -142,8 +148,8 @@ def verify(model_dir: Path, local_ckpt: Path, dtype: str = "float32") -> Dict[st
         if model.get_input_embeddings().weight.data_ptr() != model.get_output_embeddings().weight.data_ptr():
             problems.append("tie_word_embeddings is set but the LM head is not tied to the input embedding")
     AutoTokenizer.from_pretrained(model_dir)
-    ids = torch.tensor(json.loads((local_ckpt / "probe.json").read_text())["input_ids"], dtype=torch.long)
-    want = load_file(local_ckpt / "probe.safetensors")["logits"]
+    ids = torch.tensor(json.loads((local_ckpt / layout.CKPT_PROBE_IDS).read_text())["input_ids"], dtype=torch.long)
+    want = load_file(local_ckpt / layout.CKPT_PROBE_LOGITS)["logits"]
     model.eval()
     with torch.no_grad():
         got = model(input_ids=ids).logits.float()
@@ -154,16 +160,25 @@ def verify(model_dir: Path, local_ckpt: Path, dtype: str = "float32") -> Dict[st
     return {"ok": not problems, "max_abs_logit_diff": diff, "atol": atol, "problems": problems}
 
 
-def promote_checkpoint(storage: Storage, ref: str, name: str, dtype: str = "float32",
+def promote_checkpoint(storage: Storage, ref: Union[str, CheckpointRef], name: str, dtype: str = "float32",
                        progress: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Consolidate, verify and register the checkpoint ``ref`` as the next version of ``name``.
 
     Nothing is registered unless verification passes; a failure leaves the registry as it was.
 
+    Args:
+        storage: the storage root holding the checkpoint and the registry.
+        ref: ``JOB``, ``JOB@STEP``, a checkpoint folder path, or a parsed reference (see
+            :func:`resolve_checkpoint`).
+        name: model name (:func:`zeroplane.names.check_name` rules).
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``: the weights' dtype in the version.
+        progress: called with one line per stage.
+
     Returns:
         The registered version record (``name``, ``version``, ``uri``, ``source``, ``verification``).
 
     Raises:
+        SpecError: a malformed ``ref`` or ``name``, or an unknown ``dtype``.
         NotFoundError: no complete checkpoint for ``ref``.
         ZeroplaneError: consolidation or verification failed.
     """
@@ -188,7 +203,7 @@ def promote_checkpoint(storage: Storage, ref: str, name: str, dtype: str = "floa
         check = verify(out, local, dtype)
         if not check["ok"]:
             raise ZeroplaneError(f"verification failed, nothing registered: {'; '.join(check['problems'])}")
-        meta = json.loads((local / "meta.json").read_text())
+        meta = json.loads((local / layout.CKPT_META).read_text())
         record = {
             "source": {"job_id": ckpt.job_id, "step": ckpt.step, "checkpoint": ckpt.uri},
             "metrics": ckpt.metrics,

@@ -7,30 +7,26 @@ No ray/torch imports.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from . import layout
 from .errors import NotFoundError, SpecError, ZeroplaneError
+from .layout import VERSION_MARKER
+from .names import check_name
 from .storage import Storage
 
-VERSION_MARKER = "zeroplane_version.json"
-_V_RE = re.compile(r"^v(\d+)$")
-MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$")
+__all__ = ["VERSION_MARKER", "Registry", "check_model_name", "parse_ref"]
 
 
 def check_model_name(name: str) -> str:
-    """Validate a model name ([a-z0-9-], 1-48 chars).
+    """Validate a model name given as ``--name`` (:data:`zeroplane.names.NAME_RE`: [a-z0-9-], 1-48 chars).
 
     Raises:
         SpecError: the name is not valid (names the value and the rule).
     """
-    if not MODEL_NAME_RE.fullmatch(name or ""):
-        raise SpecError(
-            f"--name {name!r}: use lowercase letters, digits and '-', 1-48 chars, starting and ending with a letter or digit"
-        )
-    return name
+    return check_name(name, "--name")
 
 
 def parse_ref(ref: str) -> tuple[str, Optional[str]]:
@@ -41,7 +37,7 @@ def parse_ref(ref: str) -> tuple[str, Optional[str]]:
     """
     name, _, ver = ref.partition(":")
     check_model_name(name)
-    if ver and not _V_RE.fullmatch(ver):
+    if ver and layout.version_number(ver) is None:
         raise SpecError(f"model reference {ref!r}: the version must look like v1, v2, …")
     return name, ver or None
 
@@ -54,28 +50,28 @@ class Registry:
 
     def model_dir(self, name: str) -> str:
         """fs path of a model's folder."""
-        return self.storage.path("models", name)
+        return self.storage.path(layout.model_dir(name))
 
     def version_dir(self, name: str, version: str) -> str:
         """fs path of one version's folder."""
-        return self.storage.path("models", name, version)
+        return self.storage.path(layout.version_dir(name, version))
 
     def models(self) -> List[str]:
         """Names of models with at least one complete version."""
-        return [m for m in self.storage.listdir(self.storage.path("models")) if self.versions(m)]
+        return [m for m in self.storage.listdir(self.storage.path(layout.MODELS_DIR)) if self.versions(m)]
 
     def versions(self, name: str) -> List[Dict[str, Any]]:
         """Complete versions of ``name``, oldest first: the contents of each version's marker."""
         out = []
         for v in self.storage.listdir(self.model_dir(name)):
-            if not _V_RE.fullmatch(v):
+            if layout.version_number(v) is None:
                 continue
             marker = f"{self.version_dir(name, v)}/{VERSION_MARKER}"
             if self.storage.exists(marker):
                 rec = self.storage.read_json(marker)
                 rec["uri"] = self.storage.uri_of(self.version_dir(name, v))
                 out.append(rec)
-        return sorted(out, key=lambda r: int(r["version"][1:]))
+        return sorted(out, key=lambda r: layout.version_number(r["version"]))
 
     def get(self, name: str, version: Optional[str] = None) -> Dict[str, Any]:
         """One complete version (the newest when ``version`` is None).
@@ -95,7 +91,7 @@ class Registry:
 
     def next_version(self, name: str) -> str:
         """The next free version label (skips folders of unfinished registrations too)."""
-        used = [int(m.group(1)) for v in self.storage.listdir(self.model_dir(name)) if (m := _V_RE.fullmatch(v))]
+        used = [n for v in self.storage.listdir(self.model_dir(name)) if (n := layout.version_number(v)) is not None]
         return f"v{max(used, default=0) + 1}"
 
     def register(self, name: str, local_dir: str | Path, record: Dict[str, Any]) -> Dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from . import layout, names
 from .backends.base import TERMINAL, JobInfo
-from .backends.rayjobs import RayJobsBackend, new_job_id, preflight_storage  # noqa: F401  (re-exported)
+from .backends.rayjobs import RayJobsBackend, new_job_id, preflight_storage  # noqa: F401  (tests use it from here)
 from .checkpoints import CheckpointInfo, list_checkpoints
 from .errors import ConflictError, NotFoundError, SpecError, ZeroplaneError, first_line  # noqa: F401  (the CLI's)
 from .registry import Registry, check_model_name, parse_ref

@@ -31,10 +31,9 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Optional, Union
 
 from .errors import NotFoundError, ZeroplaneError
+from .layout import KEYS_FILE  # path of the key file relative to the storage root (re-exported)
 from .storage import Storage
 
-#: Path of the key file relative to the storage root.
-KEYS_FILE = "serve/api_keys.json"
 #: Prefix of every generated key.
 KEY_PREFIX = "zp-"
 #: Length of a key id in hex characters (a prefix of the SHA-256 digest).

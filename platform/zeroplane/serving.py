@@ -17,11 +17,11 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from .errors import NotFoundError, ZeroplaneError
+from .errors import NotFoundError, SpecError, ZeroplaneError, first_line
+from . import names
+from .names import CANARY_DEPLOYMENT, DEPLOYMENT
+from .names import SERVE_IMPORT_PATH
 
-IMPORT_PATH = "zeroplane.runtime.serve.app:build_app"
-DEPLOYMENT = "ModelServer"
-CANARY_DEPLOYMENT = "ModelServerCanary"
 #: Extra replicas (percent of the target) Serve may start during a rollout: new before old stops.
 MAX_SURGE_PERCENT = 100
 
@@ -48,7 +48,9 @@ def app_config(name: str, version: Dict[str, Any], storage_uri: str, serve_defau
     Raises:
         SpecError: a bad override or canary percent (names the value and the range).
     """
-    from .errors import SpecError
+    from pydantic import ValidationError
+
+    from .spec import format_validation_error
     from .spec.model import AutoscalingSpec, ServeSpec
 
     s = ServeSpec.model_validate(serve_defaults or {}).model_dump()
@@ -56,9 +58,8 @@ def app_config(name: str, version: Dict[str, Any], storage_uri: str, serve_defau
     autoscaling = {**s["autoscaling"], **(o.get("autoscaling") or {})}
     try:
         autoscaling = AutoscalingSpec.model_validate(autoscaling).model_dump()
-    except Exception as e:
-        msg = str(e).splitlines()
-        raise SpecError(f"autoscaling {autoscaling}: {msg[-1].strip() if msg else e}") from None
+    except ValidationError as e:
+        raise SpecError("; ".join(format_validation_error(e, "autoscaling").splitlines())) from None
     deployment = {
         "autoscaling_config": autoscaling,
         "ray_actor_options": {**s["ray_actor_options"], **(o.get("ray_actor_options") or {})},
@@ -86,7 +87,7 @@ def app_config(name: str, version: Dict[str, Any], storage_uri: str, serve_defau
     return {
         "name": name,
         "route_prefix": f"/{name}",
-        "import_path": IMPORT_PATH,
+        "import_path": SERVE_IMPORT_PATH,
         "args": args,
         "deployments": deployments,
     }
@@ -121,7 +122,7 @@ class ServeClient:
             try:
                 self._client = ServeSubmissionClient(self.dashboard_url)
             except Exception as e:
-                raise ZeroplaneError(f"cannot reach Ray Serve's API at {self.dashboard_url}: {str(e).splitlines()[0]}") from None
+                raise ZeroplaneError(f"cannot reach Ray Serve's API at {self.dashboard_url}: {first_line(e)}") from None
         return self._client
 
     def details(self) -> Dict[str, Any]:
@@ -149,7 +150,7 @@ class ServeClient:
         try:
             self.client.deploy_applications(config)
         except Exception as e:
-            raise ZeroplaneError(f"Serve rejected the deployment of {app['name']}: {str(e).splitlines()[0]}") from None
+            raise ZeroplaneError(f"Serve rejected the deployment of {app['name']}: {first_line(e)}") from None
         canary = (app["args"].get("canary") or {}).get("version")
         return self.wait_running(app["name"], app["args"]["version"], timeout_s, progress, canary_version=canary)
 
@@ -302,9 +303,9 @@ def _zeroplane_samples(text: str):
 
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.endswith("zeroplane_requests_total"):
+            if sample.name.endswith(names.METRIC_REQUESTS):
                 kind = "requests"
-            elif sample.name.endswith("zeroplane_request_errors_total"):
+            elif sample.name.endswith(names.METRIC_ERRORS):
                 kind = "errors"
             else:
                 continue

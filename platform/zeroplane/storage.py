@@ -4,14 +4,7 @@ Ray Train persists checkpoints through ``pyarrow.fs``; zeroplane reads and write
 through the same filesystem objects, so a local path and an S3 prefix behave alike. The S3 endpoint
 comes from ``AWS_ENDPOINT_URL`` (S3-compatible servers) and credentials from the standard AWS chain.
 
-Layout under the storage root::
-
-    jobs/<job_id>/                 Ray Train run folder (RunConfig.storage_path=<root>/jobs, name=<job_id>)
-      checkpoint_step_0000100/     one Ray checkpoint: every rank's DeepSpeed shards + metadata
-        zeroplane_complete.json    completion marker, written last
-    models/<name>/v<N>/            registered model versions (plain Hugging Face folders)
-      zeroplane_version.json       registration marker, written last
-    serve/api_keys.json            hashed serving API keys
+The folder and file names under a storage root are :mod:`zeroplane.layout`'s.
 """
 
 from __future__ import annotations
@@ -251,3 +244,20 @@ class Storage:
         """Delete a folder and everything in it (missing is fine)."""
         if self.exists(path):
             self.fs.delete_dir(path)
+
+
+def storage_error(storage: Storage, what: str, e: BaseException) -> str:
+    """One line: ``storage <uri> (bucket B at endpoint E) <what>: <first line of e>``.
+
+    Secret values from the environment are blanked in case a library echoes them back; the text is cut
+    at 300 characters.
+    """
+    text = " ".join(str(e).split()) or type(e).__name__
+    for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        if len(os.environ.get(k) or "") >= 8:  # shorter values would blank ordinary letters
+            text = text.replace(os.environ[k], "***")
+    if len(text) > 300:
+        text = text[:300] + "…"
+    where = "" if storage.is_local else (
+        f" (bucket {storage.bucket!r} at endpoint {storage.endpoint_url or 'AWS default'})")
+    return f"storage {storage.uri}{where} {what}: {text}"

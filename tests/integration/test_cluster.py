@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from zeroplane import cluster
+from zeroplane.cluster import auth, procs
 from zeroplane.errors import SpecError, ZeroplaneError
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def zp_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     # Ray caches the auth mode and token in-process: restore the environment first, then make Ray
     # re-read it, so later tests in this process (a local ray.init) use the real token again.
     monkeypatch.undo()
-    cluster._refresh_ray_auth_cache()
+    auth._refresh_ray_auth_cache()
 
 
 def _alive(pid: int, create_time: float | None = None) -> bool:
@@ -57,8 +58,8 @@ def _alive(pid: int, create_time: float | None = None) -> bool:
 
 
 def _referencing(temp_dir: str) -> list[int]:
-    pattern = cluster._path_pattern([temp_dir])
-    return [p.pid for p in cluster._procs_referencing(pattern) if not cluster._is_gone(p)]
+    pattern = procs._path_pattern([temp_dir])
+    return [p.pid for p in procs._procs_referencing(pattern) if not procs._is_gone(p)]
 
 
 def _other_ray_cores(ours: set[int]) -> dict[int, float]:

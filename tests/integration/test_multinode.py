@@ -19,7 +19,9 @@ from typing import Dict, Iterator
 import psutil
 import pytest
 
+from helpers.local_node import join_local_worker, stop_local_worker
 from zeroplane import cluster
+from zeroplane.cluster import procs
 from zeroplane.checkpoints import list_checkpoints
 from zeroplane.errors import ZeroplaneError
 from zeroplane.spec import load_spec
@@ -49,7 +51,7 @@ def two_nodes() -> Iterator[Dict[str, object]]:
     try:
         info = cluster.start_local_head(num_cpus=1)
         head_pids = list(info.pids)
-        cluster.join_local_worker(info.address, worker_dir, num_cpus=1, resources={"node_b": 1})
+        join_local_worker(info.address, worker_dir, num_cpus=1, resources={"node_b": 1})
         deadline = time.monotonic() + 60
         while len(_alive_nodes(info)) < 2:
             assert time.monotonic() < deadline, f"second node never joined: {cluster.cluster_status(info)}"
@@ -58,12 +60,12 @@ def two_nodes() -> Iterator[Dict[str, object]]:
         yield {"info": info, "worker_dir": worker_dir, "home": home}
     finally:
         t1 = time.monotonic()
-        ended = cluster.stop_local_worker(worker_dir, grace_s=5)
+        ended = stop_local_worker(worker_dir, grace_s=5)
         ended += cluster.stop_local_head(grace_s=5)
         TIMES["cluster down"] = time.monotonic() - t1
         mp.undo()
         # Nothing of ours survives: no head pid, no process referencing either temp dir.
-        leftovers = cluster._procs_referencing(cluster._path_pattern([worker_dir, home]))
+        leftovers = procs._procs_referencing(procs._path_pattern([worker_dir, home]))
         still = [p for p in head_pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         shutil.rmtree(worker_dir, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
@@ -102,7 +104,7 @@ def test_two_node_training_checkpoint_and_promote(two_nodes, tmp_path):
     t0 = time.monotonic()
     zp = Client(address=info.dashboard_url)
     spec = _spec(tmp_path / "storage", "checkpoint.shared_filesystem=true")
-    job_id = zp.submit(spec)["job_id"]
+    job_id = zp.submit(spec).job_id
     status = zp.wait(job_id, poll_s=1.0, timeout_s=600)
     TIMES["train (submit -> SUCCEEDED)"] = time.monotonic() - t0
     assert status == "SUCCEEDED", zp.jobs.logs(job_id)[-3000:]

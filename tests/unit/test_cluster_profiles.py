@@ -100,3 +100,20 @@ def test_launcher_rejects_a_missing_config_or_action():
     assert err.value.exit_code == 2
     with pytest.raises(SpecError, match="use up or down"):
         cluster.launcher_command("restart", REPO / "cluster" / "aws.yaml")
+
+
+def test_profile_storage_is_carried_by_the_cluster_info(_home, monkeypatch):
+    _write(_home, PROFILES)
+    info = cluster.resolve_cluster(profile="gpu")
+    assert info.storage == "s3://bucket/zp"
+    assert cluster.ClusterInfo.from_dict(info.to_dict()) == info
+    assert cluster.resolve_cluster(profile="lab").storage is None  # a profile without storage
+    assert cluster.resolve_cluster("http://1.2.3.4:9999", profile="gpu").storage is None  # profile not used
+
+
+def test_status_of_an_unreachable_cluster_is_a_report_not_an_error():
+    info = cluster.ClusterInfo("127.0.0.1:9", "http://127.0.0.1:9", 8000)
+    st = cluster.cluster_status(info)
+    assert st["alive"] is False and st["nodes"] == [] and st["jobs"] == {}
+    assert st["resources"] == {"CPU": 0.0, "GPU": 0.0}
+    assert len(st["errors"]) == 1 and "\n" not in st["errors"][0]

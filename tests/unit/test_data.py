@@ -168,7 +168,7 @@ def test_tokenize_split_val_gets_at_least_one_sequence(tok, text):
 def test_tokenize_split_too_little_text_names_seq_len(tok):
     with pytest.raises(SpecError) as ei:
         tokenize_split(tok, "def f(): return 1", 64, 0.05)
-    msg = ei.value.format_message()
+    msg = ei.value.message
     assert "seq_len=64" in msg and "data.seq_len" in msg
     assert ei.value.exit_code == 2
 

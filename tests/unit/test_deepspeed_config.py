@@ -75,7 +75,7 @@ def test_valid_combination(stage, off_opt, off_param, use_gpu):
 def test_invalid_combination_is_rejected_by_the_spec(stage, off_opt, off_param):
     with pytest.raises(SpecError) as ei:
         _spec(stage, off_opt, off_param)
-    msg = ei.value.format_message()
+    msg = ei.value.message
     assert "deepspeed" in msg and f"(got {stage})" in msg
     bad = "offload_param" if off_param == "cpu" and stage != 3 else "offload_optimizer"
     assert f"{bad}='cpu'" in msg

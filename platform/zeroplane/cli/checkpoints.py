@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .context import pass_zp
-from .options import ADDRESS, JOB_STORAGE, OUTPUT
+from .options import CLUSTER_READ, JOB_STORAGE
 from .output import emit_json, fmt, table
 
 
@@ -18,9 +17,7 @@ def checkpoints() -> None:
 @click.argument("job_id")
 @JOB_STORAGE
 @click.option("--all", "include_incomplete", is_flag=True, help="Also show incomplete checkpoints and why.")
-@ADDRESS
-@OUTPUT
-@pass_zp
+@CLUSTER_READ
 def checkpoints_list(zp, job_id, storage, include_incomplete, output) -> None:
     """Complete checkpoints of JOB_ID, oldest first."""
     cks = zp.client.checkpoints(job_id, storage=storage, include_incomplete=include_incomplete)

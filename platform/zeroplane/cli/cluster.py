@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .context import pass_zp
-from .options import ADDRESS, OUTPUT
-from .output import console, emit_json, table
+from .options import CLUSTER_READ, OUTPUT
+from .output import console, emit_json, show, table
 
 
 @click.group()
@@ -49,14 +48,13 @@ def cluster_down(config, grace_s) -> None:
 
 
 @cluster.command("status")
-@ADDRESS
-@OUTPUT
-@pass_zp
+@CLUSTER_READ
 def cluster_status(zp, output) -> None:
     """Nodes, resources and jobs of the cluster."""
-    st = zp.client.cluster_status()
-    if output == "json":
-        return emit_json(st)
+    show(output, zp.client.cluster_status(), _print_status)
+
+
+def _print_status(st) -> None:
     click.echo(f"cluster {st.dashboard_url} alive={st.alive} resources={st.resources} jobs={st.jobs}")
     table("nodes", ["node", "ip", "alive", "CPUs", "GPUs"],
           [[(n.get("node_id") or "")[:12], n.get("ip"), n.get("alive"), n.get("cpus"), n.get("gpus")] for n in st.nodes])

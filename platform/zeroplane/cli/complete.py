@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .context import pass_zp
-from .options import ADDRESS, OUTPUT
+from .options import CLUSTER_READ
 from .output import emit_json, err
 
 
@@ -17,9 +16,7 @@ from .output import emit_json, err
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--api-key", envvar="ZEROPLANE_API_KEY", default=None,
               help="Bearer key (default: $ZEROPLANE_API_KEY, then ~/.zeroplane/api_key).")
-@ADDRESS
-@OUTPUT
-@pass_zp
+@CLUSTER_READ
 def complete(zp, name, prompt, max_tokens, temperature, seed, api_key, output) -> None:
     """Ask the deployed model NAME to continue PROMPT (a request to its Serve endpoint)."""
     from ..sdk import check_name, saved_api_key

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .context import pass_zp
-from .options import ADDRESS, AUTOSCALING, CANARY, JOB_STORAGE, NO_AUTH, OUTPUT, STORAGE, pop_overrides
+from .options import AUTOSCALING, CANARY, CLUSTER_READ, JOB_STORAGE, NO_AUTH, OUTPUT, STORAGE, pop_overrides
 from .output import console, emit_json, fmt, table
 
 
@@ -19,9 +19,7 @@ from .output import console, emit_json, fmt, table
 @CANARY
 @NO_AUTH
 @click.option("--dry-run", is_flag=True, help="Show the checkpoint that would be promoted and the Serve config; change nothing.")
-@ADDRESS
-@OUTPUT
-@pass_zp
+@CLUSTER_READ
 def promote(zp, ref, name, storage, dtype, no_deploy, canary, no_auth, dry_run, output, **autoscaling) -> None:
     """Consolidate the newest complete checkpoint of REF (a job id, JOB@STEP or a checkpoint path),
     verify it, register it as NAME:v<N> and deploy it with Ray Serve (in place, without dropping requests,

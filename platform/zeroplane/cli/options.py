@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Optional
 
 import click
 
-from .context import set_address
+from .context import pass_zp, set_address
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
                       help="Output format.")
@@ -88,3 +88,9 @@ def _usage(message: str) -> click.UsageError:
     from .output import UsageError
 
     return UsageError(message)
+
+
+def CLUSTER_READ(f: Callable) -> Callable:  # noqa: N802  (an option set, named like the single options)
+    """``--address`` + ``-o/--output``, and the :class:`~zeroplane.cli.context.ZpContext` as first argument:
+    the stack of every command that reads from the cluster and can print JSON."""
+    return ADDRESS(OUTPUT(pass_zp(f)))

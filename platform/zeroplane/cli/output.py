@@ -4,7 +4,7 @@ progress and notes go to stderr."""
 from __future__ import annotations
 
 import json
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import click
 
@@ -42,6 +42,14 @@ def emit_json(obj: Any) -> None:
         return o
 
     click.echo(json.dumps(plain(obj), indent=2, default=str))
+
+
+def show(output: str, result: Any, print_table: Callable[[Any], None]) -> None:
+    """``result`` as JSON when ``output == "json"``, else through ``print_table(result)``."""
+    if output == "json":
+        emit_json(result)
+    else:
+        print_table(result)
 
 
 def table(title: Optional[str], columns: List[str], rows: List[List[Any]]) -> None:

@@ -25,6 +25,11 @@ _AUTH_SECRET = click.option("--auth-secret", default="zeroplane-ray-auth", show_
                             help="Secret whose key auth_token holds the Ray auth token.")
 
 
+def _K8S_OPTIONS(f):  # noqa: N802  (an option set, named like the single options)
+    """--namespace, --storage-secret, --auth-secret and -o/--output: the options of every manifest."""
+    return _NAMESPACE(_STORAGE_SECRET(_AUTH_SECRET(_FORMAT(f))))
+
+
 def _emit(manifest: Dict[str, Any], output: str) -> None:
     from ..sdk import manifest_text
 
@@ -50,10 +55,7 @@ def kuberay() -> None:
 @click.option("--ttl-s", "ttl_s", type=click.IntRange(0), default=600, show_default=True,
               help="Seconds the finished RayJob and its cluster are kept.")
 @click.option("--worker-memory", default=None, help="Worker pod memory, e.g. 64Gi (default 4Gi per CPU).")
-@_NAMESPACE
-@_STORAGE_SECRET
-@_AUTH_SECRET
-@_FORMAT
+@_K8S_OPTIONS
 def rayjob(spec_file, overrides, job_id, image, ttl_s, worker_memory, namespace, storage_secret, auth_secret,
            output) -> None:
     """A RayJob running the job spec SPEC on its own RayCluster (one worker pod per Ray Train worker)."""
@@ -72,10 +74,7 @@ def rayjob(spec_file, overrides, job_id, image, ttl_s, worker_memory, namespace,
 @click.option("--min-replicas", type=click.IntRange(0), default=None, help="Override serve.autoscaling.min_replicas.")
 @click.option("--max-replicas", type=click.IntRange(1), default=None, help="Override serve.autoscaling.max_replicas.")
 @NO_AUTH
-@_NAMESPACE
-@_STORAGE_SECRET
-@_AUTH_SECRET
-@_FORMAT
+@_K8S_OPTIONS
 @pass_zp
 def rayservice(zp, ref, storage, image, min_replicas, max_replicas, no_auth, namespace, storage_secret, auth_secret,
                output) -> None:
@@ -102,10 +101,7 @@ def rayservice(zp, ref, storage, image, min_replicas, max_replicas, no_auth, nam
 @click.option("--worker-gpus", type=click.IntRange(0), default=0, show_default=True,
               help="GPUs (nvidia.com/gpu) per worker pod.")
 @click.option("--worker-memory", default=None, help="Memory per worker pod, e.g. 32Gi (default 4Gi per CPU).")
-@_NAMESPACE
-@_STORAGE_SECRET
-@_AUTH_SECRET
-@_FORMAT
+@_K8S_OPTIONS
 def raycluster(name, image, workers, max_workers, worker_cpus, worker_gpus, worker_memory, namespace,
                storage_secret, auth_secret, output) -> None:
     """A long-lived RayCluster; port-forward its head and use it with --address like any Ray cluster."""

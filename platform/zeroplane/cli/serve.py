@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .context import pass_zp
-from .options import ADDRESS, AUTOSCALING, CANARY, NO_AUTH, OUTPUT, STORAGE, pop_overrides
+from .options import ADDRESS, AUTOSCALING, CANARY, CLUSTER_READ, NO_AUTH, OUTPUT, STORAGE, pop_overrides
 from .output import emit_json, err, table
 
 
@@ -16,9 +16,7 @@ def serve() -> None:
 
 @serve.command("status")
 @click.option("--no-requests", is_flag=True, help="Skip the request counts (read from Ray's metrics export).")
-@ADDRESS
-@OUTPUT
-@pass_zp
+@CLUSTER_READ
 def serve_status(zp, no_requests, output) -> None:
     """Applications: versions and traffic weights, replicas, requests and errors per version."""
     rows = zp.client.serve_status(with_requests=not no_requests)
@@ -64,9 +62,7 @@ def serve_deploy(zp, ref, storage, canary, no_auth, **autoscaling) -> None:
 @serve.command("rollback")
 @click.argument("name")
 @STORAGE
-@ADDRESS
-@OUTPUT
-@pass_zp
+@CLUSTER_READ
 def serve_rollback(zp, name, storage, output) -> None:
     """Undo the last rollout of NAME: drop a canary, else deploy the version registered before the
     running one (in place, without dropping requests)."""

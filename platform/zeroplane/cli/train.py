@@ -8,8 +8,8 @@ from typing import Any, Dict, Optional
 import click
 
 from .context import pass_zp
-from .options import ADDRESS, OUTPUT, SET, TIMEOUT, WAIT
-from .output import console, emit_json, err, fmt, table
+from .options import ADDRESS, CLUSTER_READ, OUTPUT, SET, TIMEOUT, WAIT
+from .output import console, emit_json, err, fmt, show, table
 
 
 @click.group()
@@ -24,9 +24,7 @@ def train() -> None:
                                               "the exact Ray job request (secrets masked); submit nothing.")
 @WAIT
 @TIMEOUT
-@ADDRESS
-@OUTPUT
-@pass_zp
+@CLUSTER_READ
 def train_submit(zp, file, overrides, dry_run, wait, timeout_s, output) -> None:
     """Submit the job spec FILE as a Ray Job running a Ray Train TorchTrainer with DeepSpeed."""
     from ..sdk import load_spec
@@ -47,9 +45,7 @@ def train_submit(zp, file, overrides, dry_run, wait, timeout_s, output) -> None:
               help="Override a field of the job's original spec, e.g. train.max_steps=600.")
 @WAIT
 @TIMEOUT
-@ADDRESS
-@OUTPUT
-@pass_zp
+@CLUSTER_READ
 def train_resume(zp, job_id, overrides, wait, timeout_s, output) -> None:
     """Continue the ended job JOB_ID from its newest complete checkpoint.
 
@@ -151,9 +147,7 @@ def train_estimate(file, overrides, output) -> None:
 
 @train.command("status")
 @click.argument("job_id")
-@ADDRESS
-@OUTPUT
-@pass_zp
+@CLUSTER_READ
 def train_status(zp, job_id, output) -> None:
     """Status, latest step and losses of a job."""
     st = zp.client.status(job_id)
@@ -184,14 +178,13 @@ def train_logs(zp, job_id, follow) -> None:
 
 
 @train.command("list")
-@ADDRESS
-@OUTPUT
-@pass_zp
+@CLUSTER_READ
 def train_list(zp, output) -> None:
     """zeroplane jobs on the cluster, newest first."""
-    jobs = zp.client.list_jobs()
-    if output == "json":
-        return emit_json(jobs)
+    show(output, zp.client.list_jobs(), _print_jobs)
+
+
+def _print_jobs(jobs) -> None:
     when = lambda ms: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else ""  # noqa: E731
     table(None, ["job", "resumes job", "status", "started", "ended"],
           [[j.job_id, j.zeroplane_job_id if j.zeroplane_job_id != j.job_id else "", j.status,

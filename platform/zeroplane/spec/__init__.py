@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import yaml
 from pydantic import ValidationError
 
-from ..errors import SpecError
+from ..errors import SpecError, first_line
 from .model import PRESETS, JobSpec
 
 __all__ = ["JobSpec", "PRESETS", "load_spec", "parse_spec", "apply_overrides", "format_validation_error", "json_schema"]
@@ -152,7 +152,7 @@ def load_spec(path: str | os.PathLike, overrides: Optional[List[str]] = None) ->
     except RecursionError:
         raise SpecError(f"{p}: YAML nested too deeply to be a job spec") from None
     except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise SpecError(f"{p}: not valid YAML: {first_line(e)}") from None
     if data is None:
         data = {}
     if isinstance(data, dict):

@@ -13,7 +13,8 @@ from typing import Any, Dict, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$")
+from ..errors import SpecError
+from ..names import DEFAULT_STORAGE, NAME_RE, NAME_RULE
 
 #: Model-size presets for GPT-2-style configs (keys are transformers ``GPT2Config`` names).
 #: ``small`` is about 5.3 M parameters with an 8,192-token vocabulary at seq_len 256.
@@ -62,6 +63,54 @@ class ModelSpec(_Strict):
         if not re.fullmatch(r"[a-z0-9_\-]+", v):
             raise ValueError(f"'{v}' is not a transformers model_type; use e.g. 'gpt2' or 'llama'")
         return v
+
+
+# GPT-2 preset keys -> generic transformers names, for architectures other than gpt2.
+_GENERIC = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads"}
+
+
+def model_config(spec: ModelSpec, vocab_size: int, seq_len: int, bos_id: int | None, eos_id: int | None):
+    """The transformers config for a model built from scratch.
+
+    Preset sizes are merged under ``spec.config``; ``vocab_size`` and the context length
+    (``n_positions`` / ``max_position_embeddings`` = ``seq_len``) come from the tokenizer and data.
+
+    Imports ``transformers`` (not torch) when called; the control plane (``zeroplane train estimate``)
+    and the training workers both build the model's config here.
+
+    Args:
+        spec: the ``model`` section.
+        vocab_size: the tokenizer's vocabulary size.
+        seq_len: the context length (``data.seq_len``).
+        bos_id, eos_id: the tokenizer's special token ids, or None.
+
+    Returns:
+        A ``transformers.PretrainedConfig`` of type ``spec.architecture``.
+
+    Raises:
+        SpecError: ``spec.architecture`` is not a transformers model type.
+    """
+    from transformers import AutoConfig
+
+    sizes: Dict[str, Any] = dict(PRESETS[spec.preset]) if spec.preset else {}
+    if spec.architecture != "gpt2":
+        sizes = {_GENERIC[k]: v for k, v in sizes.items()}
+        if "hidden_size" in sizes:
+            sizes.setdefault("intermediate_size", 4 * sizes["hidden_size"])
+    sizes.update(spec.config)
+    ctx_key = "n_positions" if spec.architecture == "gpt2" else "max_position_embeddings"
+    sizes.setdefault(ctx_key, seq_len)
+    try:
+        return AutoConfig.for_model(
+            spec.architecture,
+            vocab_size=vocab_size,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            tie_word_embeddings=spec.tie_word_embeddings,
+            **sizes,
+        )
+    except ValueError as e:
+        raise SpecError(f"model.architecture = {spec.architecture!r}: {e}; use a transformers model type such as gpt2") from None
 
 
 class TrainBPE(_Strict):
@@ -198,7 +247,7 @@ class CheckpointSpec(_Strict):
     """Where and how often checkpoints are persisted (Ray Train RunConfig/CheckpointConfig)."""
 
     storage_path: str = Field(
-        "~/.zeroplane/storage",
+        DEFAULT_STORAGE,
         description="Local folder or s3://bucket/prefix holding checkpoints, the model registry and versions.",
     )
     shared_filesystem: bool = Field(
@@ -251,7 +300,12 @@ class AutoscalingSpec(_Strict):
 
 
 class ServeSpec(_Strict):
-    """Defaults used by `zeroplane promote` when it deploys a version with Ray Serve."""
+    """Defaults used by `zeroplane promote` when it deploys a version with Ray Serve.
+
+    The single source of the serving defaults and bounds: the Serve application's arguments
+    (``zeroplane.runtime.serve.app.ServeAppArgs``) take ``auth``, ``max_tokens_cap``, ``max_batch_size``
+    and ``batch_wait_timeout_s`` from these fields.
+    """
 
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Ray Serve autoscaling_config.")
     ray_actor_options: Dict[str, Any] = Field(
@@ -281,10 +335,7 @@ class JobSpec(_Strict):
     @classmethod
     def _name_ok(cls, v: str) -> str:
         if not NAME_RE.fullmatch(v):
-            raise ValueError(
-                f"'{v}' is not a valid job name; use lowercase letters, digits and '-', 1-48 chars, "
-                "starting and ending with a letter or digit"
-            )
+            raise ValueError(f"'{v}' is not a valid job name; {NAME_RULE}")
         return v
 
     @model_validator(mode="after")

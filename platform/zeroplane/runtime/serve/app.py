@@ -32,6 +32,9 @@ re-reads it at most every ``key_cache_ttl_s`` (5 s), so a new or revoked key tak
 Errors: every client mistake gets a 4xx with the OpenAI error shape
 ``{"error": {"message", "type": "invalid_request_error", "param", "code"}}`` whose message names the
 field and the limit; 401 bad/missing key, 404 unknown model, 413 oversized body, 400 anything else.
+One exception handler makes that answer: any :class:`zeroplane.errors.ZeroplaneError` raised while
+handling a request (a request mistake is an :class:`APIError`, one of them) becomes the error shape with
+the exception's ``http_status`` (``type`` ``server_error`` for a 5xx).
 
 Generation (per replica): non-streaming requests are queued through ``@serve.batch``. Greedy requests
 (``temperature == 0``) in a batch are left-padded into one ``generate`` call (grouped so that every row
@@ -75,6 +78,11 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zeroplane import serve_keys
+from zeroplane.errors import ZeroplaneError
+from zeroplane.layout import KEYS_FILE
+from zeroplane import names
+from zeroplane.names import CANARY_DEPLOYMENT, DEPLOYMENT
+from zeroplane.spec.model import ServeSpec
 from zeroplane.storage import Storage
 
 logger = logging.getLogger("ray.serve")
@@ -85,8 +93,6 @@ MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_TOKENS = 16
 #: Temperatures below this are treated as 0 (greedy): dividing logits by a tinier number overflows.
 GREEDY_TEMPERATURE_EPS = 1e-5
-#: Name of the deployment serving the canary version of a traffic split.
-CANARY_DEPLOYMENT = "ModelServerCanary"
 #: At most this many stop strings per request.
 MAX_STOP_STRINGS = 4
 #: Most choices (``n``) one non-streaming request may ask for.
@@ -113,10 +119,26 @@ class CanaryArgs(BaseModel):
     )
 
 
+def _serve_spec_field(name: str, description: str) -> Any:
+    """The field ``name`` of :class:`zeroplane.spec.model.ServeSpec` (its default and bounds, defined
+    there once) with this model's ``description``."""
+    import copy
+
+    field = copy.copy(ServeSpec.model_fields[name])
+    field.description = description
+    return field
+
+
+#: The serving defaults (``ServeSpec``'s): the ``@serve.batch`` settings a replica starts from.
+_SERVE_DEFAULTS = ServeSpec()
+
+
 class ServeAppArgs(BaseModel):
     """Arguments of :func:`build_app` (the ``args`` of the Serve config's application entry).
 
     Unknown keys are rejected so that a misspelled option fails the deploy instead of being ignored.
+    ``auth``, ``max_tokens_cap``, ``max_batch_size`` and ``batch_wait_timeout_s`` take their defaults and
+    bounds from :class:`zeroplane.spec.model.ServeSpec` (the job spec's ``serve`` section).
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -128,13 +150,17 @@ class ServeAppArgs(BaseModel):
         description="Local folder or s3:// URI of a Hugging Face model folder (config, weights, tokenizer).",
     )
     storage_path: Optional[str] = Field(
-        None, description="Storage root holding serve/api_keys.json; required when auth is on."
+        None, description=f"Storage root holding {KEYS_FILE}; required when auth is on."
     )
-    auth: bool = Field(True, description="Require 'Authorization: Bearer <key>' on every route but /healthz.")
-    max_tokens_cap: int = Field(256, ge=1, description="Largest max_tokens a request may ask for (new tokens).")
-    max_batch_size: int = Field(8, ge=1, description="Most requests generated together by one replica.")
-    batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="Seconds a replica waits to fill a batch before generating."
+    auth: bool = _serve_spec_field(
+        "auth", "Require 'Authorization: Bearer <key>' on every route but /healthz."
+    )
+    max_tokens_cap: int = _serve_spec_field(
+        "max_tokens_cap", "Largest max_tokens a request may ask for (new tokens)."
+    )
+    max_batch_size: int = _serve_spec_field("max_batch_size", "Most requests generated together by one replica.")
+    batch_wait_timeout_s: float = _serve_spec_field(
+        "batch_wait_timeout_s", "Seconds a replica waits to fill a batch before generating."
     )
     key_cache_ttl_s: float = Field(
         5.0, ge=0, description="Seconds a replica keeps the API key file before re-reading it."
@@ -151,7 +177,7 @@ class ServeAppArgs(BaseModel):
             )
         if self.auth and not self.storage_path:
             raise ValueError(
-                "storage_path is required when auth is true (API keys live in <storage_path>/serve/api_keys.json); "
+                f"storage_path is required when auth is true (API keys live in <storage_path>/{KEYS_FILE}); "
                 "pass storage_path or set auth: false"
             )
         return self
@@ -176,7 +202,24 @@ def _parse_args(args: Any) -> ServeAppArgs:
 # --------------------------------------------------------------------------------------------------
 
 
-class CompletionRequest(BaseModel):
+class _SamplingRequest(BaseModel):
+    """The fields completions and chat completions share (see :class:`CompletionRequest`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    seed: Optional[int] = Field(None, ge=0, le=_MAX_SEED)
+    stop: Optional[Union[str, list[str]]] = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: Optional["StreamOptions"] = None
+    user: Optional[str] = None
+
+
+class CompletionRequest(_SamplingRequest):
     """Body of ``POST /v1/completions`` (a subset of OpenAI's, strictly typed, unknown fields rejected).
 
     Attributes:
@@ -193,20 +236,8 @@ class CompletionRequest(BaseModel):
         echo: must be false. user: accepted and ignored.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
-
-    model: Optional[str] = None
     prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    seed: Optional[int] = Field(None, ge=0, le=_MAX_SEED)
-    stop: Optional[Union[str, list[str]]] = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: Optional["StreamOptions"] = None
     echo: bool = False
-    user: Optional[str] = None
 
 
 class StreamOptions(BaseModel):
@@ -227,7 +258,7 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_SamplingRequest):
     """Body of ``POST /v1/chat/completions``; fields as :class:`CompletionRequest` except:
 
     Attributes:
@@ -235,23 +266,13 @@ class ChatCompletionRequest(BaseModel):
         max_completion_tokens: OpenAI's newer name for ``max_tokens`` (give at most one of the two).
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
-
-    model: Optional[str] = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    seed: Optional[int] = Field(None, ge=0, le=_MAX_SEED)
-    stop: Optional[Union[str, list[str]]] = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
 
 
+_SamplingRequest.model_rebuild()
 CompletionRequest.model_rebuild()
+ChatCompletionRequest.model_rebuild()
 
 _ROUTES = (
     "routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /metrics, GET /healthz"
@@ -278,15 +299,17 @@ def _field_hints(cap: Optional[int]) -> dict[str, str]:
     }
 
 
-class APIError(Exception):
-    """A request failure answered with the OpenAI error JSON.
+class APIError(ZeroplaneError):
+    """A request failure answered with the OpenAI error JSON: a :class:`ZeroplaneError` whose
+    ``http_status`` is the one given.
 
     Args:
-        status: HTTP status code (4xx for client mistakes).
+        status: HTTP status code (4xx for client mistakes); becomes ``http_status``.
         message: one line naming the field and the limit or the fix.
         param: the offending request field, if any.
         code: a short machine-readable code, e.g. ``"invalid_api_key"``.
-        type_: OpenAI error type; ``"invalid_request_error"`` for client mistakes.
+        type_: OpenAI error type; default ``"invalid_request_error"`` below 500, else ``"server_error"``.
+        headers: extra response headers (e.g. ``WWW-Authenticate``).
     """
 
     def __init__(
@@ -296,29 +319,28 @@ class APIError(Exception):
         *,
         param: Optional[str] = None,
         code: Optional[str] = None,
-        type_: str = "invalid_request_error",
+        type_: Optional[str] = None,
         headers: Optional[dict[str, str]] = None,
     ) -> None:
         super().__init__(message)
-        self.status = status
-        self.message = message
+        self.http_status = status
         self.param = param
         self.code = code
         self.type = type_
         self.headers = headers
 
 
-def _error_response(
-    status: int,
-    message: str,
-    *,
-    param: Optional[str] = None,
-    code: Optional[str] = None,
-    type_: str = "invalid_request_error",
-    headers: Optional[dict[str, str]] = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(status_code=status, content=body, headers=headers)
+def _error_body(exc: ZeroplaneError) -> dict:
+    """The OpenAI error shape of ``exc``: ``{"error": {"message", "type", "param", "code"}}``."""
+    status = exc.http_status
+    kind = getattr(exc, "type", None) or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": exc.message, "type": kind, "param": getattr(exc, "param", None),
+                      "code": getattr(exc, "code", None)}}
+
+
+def _error_response(exc: ZeroplaneError) -> JSONResponse:
+    """``exc`` as an HTTP response: status ``exc.http_status``, body :func:`_error_body`."""
+    return JSONResponse(status_code=exc.http_status, content=_error_body(exc), headers=getattr(exc, "headers", None))
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -373,17 +395,16 @@ _api = FastAPI(
 
 # Exception handlers must be registered before the class is decorated with @serve.ingress: the
 # decorator pickles a frozen copy of the app at that point.
-@_api.exception_handler(APIError)
-async def _api_error_handler(request: Request, exc: APIError) -> JSONResponse:
-    return _error_response(
-        exc.status, exc.message, param=exc.param, code=exc.code, type_=exc.type, headers=exc.headers
-    )
+@_api.exception_handler(ZeroplaneError)
+async def _zeroplane_error_handler(request: Request, exc: ZeroplaneError) -> JSONResponse:
+    """THE mapping of zeroplane's errors to HTTP: the error shape with the exception's ``http_status``."""
+    return _error_response(exc)
 
 
 @_api.exception_handler(RequestValidationError)
 async def _request_validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     message, param = _validation_message(list(exc.errors()), getattr(exc, "body", None), cap=None)
-    return _error_response(400, message, param=param, code="invalid_request")
+    return _error_response(APIError(400, message, param=param, code="invalid_request"))
 
 
 @_api.exception_handler(StarletteHTTPException)
@@ -395,20 +416,13 @@ async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> 
         message = f"method {request.method} is not allowed on {request.url.path}; {routes}"
     else:
         message = str(exc.detail)
-    return _error_response(
-        exc.status_code,
-        message,
-        type_="invalid_request_error" if exc.status_code < 500 else "server_error",
-        headers=getattr(exc, "headers", None),
-    )
+    return _error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
 
 
 @_api.exception_handler(Exception)
 async def _server_error_handler(request: Request, exc: Exception) -> JSONResponse:
     # Starlette still re-raises after answering, so the traceback lands in the replica log.
-    return _error_response(
-        500, f"internal error ({type(exc).__name__}); see the replica logs", type_="server_error"
-    )
+    return _error_response(APIError(500, f"internal error ({type(exc).__name__}); see the replica logs"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -523,9 +537,9 @@ class _Metrics:
                                   base, registry=self.registry),
         }
         self._ray = {
-            "requests": serve_metrics.Counter("zeroplane_requests_total", description="Requests answered.",
+            "requests": serve_metrics.Counter(names.METRIC_REQUESTS, description="Requests answered.",
                                               tag_keys=base + ("route", "status")),
-            "errors": serve_metrics.Counter("zeroplane_request_errors_total",
+            "errors": serve_metrics.Counter(names.METRIC_ERRORS,
                                             description="Requests answered with status >= 400.",
                                             tag_keys=base + ("route", "status")),
             "latency": serve_metrics.Histogram("zeroplane_request_latency_seconds",
@@ -733,12 +747,13 @@ class _ModelCore:
             body: the decoded JSON body (already authorized by the ingress).
 
         Returns:
-            ``(HTTP status, JSON body)`` — the answer, or the OpenAI error shape for a 4xx.
+            ``(HTTP status, JSON body)`` — the answer, or the OpenAI error shape of a
+            :class:`ZeroplaneError` (status ``http_status``).
         """
         try:
             return 200, await self._answer(kind, body, time.monotonic())
-        except APIError as e:
-            return e.status, {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+        except ZeroplaneError as e:
+            return e.http_status, _error_body(e)
 
     async def stream_api(self, kind: str, body: Any) -> AsyncIterator[Union[dict, str]]:
         """Streaming twin of :meth:`handle_api`: first ``{"status", "error"?}``, then SSE text chunks."""
@@ -752,8 +767,8 @@ class _ModelCore:
         try:
             await self._authorize(request)
             body = await self._read_json(request)
-        except APIError as e:
-            self._metrics.observe(kind, e.status, time.monotonic() - started)
+        except ZeroplaneError as e:
+            self._metrics.observe(kind, e.http_status, time.monotonic() - started)
             raise
         target = self._pick_target(body, request)
         streaming = isinstance(body, dict) and body.get("stream") is True
@@ -800,8 +815,8 @@ class _ModelCore:
         try:
             p = self._prepare(kind, body)
             outs = await asyncio.gather(*(self._generate_batch(p.job(i)) for i in range(p.n)))
-        except APIError as e:
-            self._metrics.observe(kind, e.status, time.monotonic() - started)
+        except ZeroplaneError as e:
+            self._metrics.observe(kind, e.http_status, time.monotonic() - started)
             raise
         choices, completion_tokens = [], 0
         for i, new_ids in enumerate(outs):
@@ -830,10 +845,9 @@ class _ModelCore:
         """``{"status": 200}`` then the SSE chunks of a streamed answer; or ``{"status": 4xx, "error"}``."""
         try:
             p = self._prepare(kind, body)
-        except APIError as e:
-            self._metrics.observe(kind, e.status, time.monotonic() - started)
-            yield {"status": e.status, "error": {"message": e.message, "type": e.type, "param": e.param,
-                                                 "code": e.code}}
+        except ZeroplaneError as e:
+            self._metrics.observe(kind, e.http_status, time.monotonic() - started)
+            yield {"status": e.http_status, **_error_body(e)}
             return
         yield {"status": 200}
         chat = kind == "chat"
@@ -986,7 +1000,8 @@ class _ModelCore:
 
     # ---------------------------------------------------------------------------------- generation
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=_SERVE_DEFAULTS.max_batch_size,
+                 batch_wait_timeout_s=_SERVE_DEFAULTS.batch_wait_timeout_s)
     async def _generate_batch(self, jobs: list[_Job]) -> list[list[int]]:
         """Generate for a batch of requests; returns each request's new token ids (may end with eos)."""
         return await asyncio.to_thread(self._run_jobs, jobs)
@@ -1138,7 +1153,7 @@ class _ModelCore:
         return token
 
 
-@serve.deployment(name="ModelServer")
+@serve.deployment(name=DEPLOYMENT)
 @serve.ingress(_api)
 class ModelServer(_ModelCore):
     """The HTTP ingress of an application: :class:`_ModelCore` plus the OpenAI-style routes."""

@@ -7,7 +7,8 @@ import os
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
-from ...checkpoints import MARKER, build_marker, inspect_checkpoint, latest_complete
+from ... import layout
+from ...checkpoints import build_marker, inspect_checkpoint, latest_complete
 from ...errors import ZeroplaneError
 from ...storage import Storage
 
@@ -27,16 +28,16 @@ def save_extras(local: str, rank: int, step: int, tag: str, metrics: Dict[str, A
     import torch
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.join(local, "rng"), exist_ok=True)
+    os.makedirs(os.path.join(local, layout.CKPT_RNG_DIR), exist_ok=True)
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-               os.path.join(local, "rng", f"rank_{rank}.pt"))
+               os.path.join(local, layout.CKPT_RNG_DIR, f"rank_{rank}.pt"))
     if rank != 0:
         return
-    hf = os.path.join(local, "hf")
+    hf = os.path.join(local, layout.CKPT_HF_DIR)
     model_cfg.save_pretrained(hf)
     tokenizer.save_pretrained(hf)
-    save_file({"logits": probe_logits.contiguous()}, os.path.join(local, "probe.safetensors"))
-    with open(os.path.join(local, "probe.json"), "w") as f:
+    save_file({"logits": probe_logits.contiguous()}, os.path.join(local, layout.CKPT_PROBE_LOGITS))
+    with open(os.path.join(local, layout.CKPT_PROBE_IDS), "w") as f:
         json.dump({"input_ids": probe_ids.tolist()}, f)
     meta = {
         "job_id": job_id,
@@ -51,7 +52,7 @@ def save_extras(local: str, rank: int, step: int, tag: str, metrics: Dict[str, A
         "spec": spec.model_dump(mode="json"),
         **(extra or {}),
     }
-    with open(os.path.join(local, "meta.json"), "w") as f:
+    with open(os.path.join(local, layout.CKPT_META), "w") as f:
         json.dump(meta, f, indent=2)
 
 
@@ -65,10 +66,10 @@ def write_marker(persisted, metrics: Dict[str, Any]) -> None:
     fs, path = persisted.filesystem, persisted.path.rstrip("/")
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = {os.path.relpath(i.path, path): i.size for i in infos if i.type == pafs.FileType.File}
-    with fs.open_input_stream(f"{path}/meta.json") as f:
+    with fs.open_input_stream(f"{path}/{layout.CKPT_META}") as f:
         meta = json.loads(f.read())
     body = json.dumps(build_marker(files, {**meta, "metrics": metrics}), indent=2).encode()
-    with fs.open_output_stream(f"{path}/{MARKER}") as f:
+    with fs.open_output_stream(f"{path}/{layout.CHECKPOINT_MARKER}") as f:
         f.write(body)
 
 
@@ -111,16 +112,16 @@ def load(engine, storage: Storage, path: str, rank: int, world: int,
     import numpy as np
     import torch
 
-    meta = storage.read_json(f"{path}/meta.json")
+    meta = storage.read_json(f"{path}/{layout.CKPT_META}")
     if meta["world_size"] != world:
         raise ZeroplaneError(
             f"checkpoint {storage.uri_of(path)} was written by {meta['world_size']} ranks, this job has {world}; "
             f"resume with scaling.num_workers={meta['world_size']}"
         )
     local = storage.download_dir(path, os.path.join(work, "resume"))
-    engine.load_checkpoint(str(local / "ds"), tag=meta["tag"], load_optimizer_states=True,
+    engine.load_checkpoint(str(local / layout.CKPT_DEEPSPEED_DIR), tag=meta["tag"], load_optimizer_states=True,
                            load_lr_scheduler_states=True)
-    rng = torch.load(local / "rng" / f"rank_{rank}.pt", weights_only=False)
+    rng = torch.load(local / layout.CKPT_RNG_DIR / f"rank_{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import numpy as np
 
+from ... import layout
 from ...errors import SpecError
 from ...spec.model import DataSpec, TokenizerSpec
 
@@ -196,7 +197,7 @@ def cached_bpe_tokenizer(storage: "Storage", train_bpe, text: str) -> Tuple[obje
     h.update(json.dumps([train_bpe.vocab_size, train_bpe.min_frequency, EOS, tokenizers.__version__,
                          transformers.__version__, BPE_CACHE_FORMAT]).encode())
     key = h.hexdigest()
-    path = storage.path("cache", "tokenizers", f"{key}.json")
+    path = storage.path(layout.tokenizer_cache_file(key))
     try:
         files = storage.read_json(path) if storage.exists(path) else None
         if files is not None:

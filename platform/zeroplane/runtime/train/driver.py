@@ -16,11 +16,11 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Dict
 
+from ... import layout
 from ...checkpoints import latest_complete
+from ...names import ENV_JOB_ID, ENV_SPEC_JSON
 from ...spec import JobSpec, parse_spec
 from ...storage import Storage
-
-RESULT_FILE = "zeroplane_result.json"
 
 
 def build_train_loop_config(spec: JobSpec, job_id: str, storage: Storage) -> Dict[str, Any]:
@@ -38,7 +38,7 @@ def build_train_loop_config(spec: JobSpec, job_id: str, storage: Storage) -> Dic
     newest = latest_complete(storage, job_id)
     if newest is not None:
         with tempfile.TemporaryDirectory() as d:
-            local = storage.download_dir(f"{newest.path}/hf", d)
+            local = storage.download_dir(f"{newest.path}/{layout.CKPT_HF_DIR}", d)
             files = {p.name: p.read_text(encoding="utf-8") for p in local.iterdir() if p.is_file()
                      and not p.name.startswith("config")}
         tokenizer = load_tokenizer_files(files, tempfile.mkdtemp(prefix="zeroplane-tok-"))
@@ -99,7 +99,7 @@ def build_trainer(spec: JobSpec, job_id: str, storage: Storage, loop_config: Dic
     ck = spec.checkpoint
     run = RunConfig(
         name=job_id,
-        storage_path=storage.path("jobs"),
+        storage_path=storage.path(layout.JOBS_DIR),
         storage_filesystem=None if storage.is_local else storage.fs,
         checkpoint_config=CheckpointConfig(
             num_to_keep=ck.num_to_keep,
@@ -115,8 +115,8 @@ def main() -> int:
     """Run the job; returns the process exit code (0 success, 1 failure)."""
     import ray
 
-    spec = parse_spec(json.loads(os.environ["ZEROPLANE_SPEC_JSON"]), source="$ZEROPLANE_SPEC_JSON")
-    job_id = os.environ["ZEROPLANE_JOB_ID"]
+    spec = parse_spec(json.loads(os.environ[ENV_SPEC_JSON]), source=f"${ENV_SPEC_JSON}")
+    job_id = os.environ[ENV_JOB_ID]
     storage = Storage.for_checkpoint_spec(spec.checkpoint)
     ray.init(log_to_driver=True)
     started = time.time()
@@ -139,9 +139,9 @@ def main() -> int:
     finally:
         result_doc["finished_at"] = datetime.now(timezone.utc).isoformat()
         try:
-            storage.write_json(storage.path("jobs", job_id, RESULT_FILE), result_doc)
+            storage.write_json(storage.path(layout.result_file(job_id)), result_doc)
         except Exception as e:  # storage trouble must not hide the job's own outcome
-            print(f"[zeroplane] could not write {RESULT_FILE}: {e}", file=sys.stderr, flush=True)
+            print(f"[zeroplane] could not write {layout.RESULT_FILE}: {e}", file=sys.stderr, flush=True)
 
 
 def exit_now(code: int) -> None:

@@ -31,9 +31,9 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-PROGRESS_PREFIX = "ZEROPLANE_PROGRESS "
+from ...names import PROGRESS_PREFIX
 
 
 def _emit(kind: str, payload: Dict[str, Any]) -> None:
@@ -76,7 +76,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
     import deepspeed
 
-    from ...checkpoints import dir_name_for_step, tag_for_step
+    from ... import layout
+    from ...layout import dir_name_for_step, tag_for_step
     from ...spec import JobSpec
     from ...spec.deepspeed import build_deepspeed_config
     from ...storage import Storage
@@ -205,7 +206,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             }
             ids, logits = probe_logits()
             local = os.path.join(work, f"ckpt-{step}")
-            engine.save_checkpoint(os.path.join(local, "ds"), tag=tag_for_step(step),
+            engine.save_checkpoint(os.path.join(local, layout.CKPT_DEEPSPEED_DIR), tag=tag_for_step(step),
                                    client_state={"zeroplane_step": step})
             checkpointing.save_extras(local, rank, step, tag_for_step(step), report, spec, world,
                                       config["job_id"], tokenizer, cfg, ids, logits,
