@@ -210,3 +210,53 @@ class ServeApp:
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict."""
         return asdict(self)
+
+
+@dataclass
+class ModelVersion:
+    """One registered version: its registry record (``zeroplane_version.json``) with typed access.
+
+    Attributes:
+        record: ``{"name", "version", "uri", "source": {"job_id", "step", …}, "metrics", "registered_at",
+            "verification", "serve_defaults", …}``.
+    """
+
+    record: Dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        """The model name."""
+        return self.record["name"]
+
+    @property
+    def version(self) -> str:
+        """``vN``."""
+        return self.record["version"]
+
+    @property
+    def uri(self) -> str:
+        """Where the Hugging Face folder is."""
+        return self.record["uri"]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The record."""
+        return dict(self.record)
+
+
+@dataclass
+class ApiKeyInfo:
+    """A serving key as listed (never the key): ``id``, ``name``, ``created_at``, ``revoked``."""
+
+    id: str
+    name: Optional[str] = None
+    created_at: Optional[str] = None
+    revoked: Any = None
+
+    @classmethod
+    def from_record(cls, rec: Dict[str, Any]) -> "ApiKeyInfo":
+        """From a key-file record (its hash is left out)."""
+        return cls(id=rec["id"], name=rec.get("name"), created_at=rec.get("created_at"), revoked=rec.get("revoked"))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)

@@ -23,8 +23,8 @@ from .backends.rayjobs import RayJobsBackend, new_job_id, preflight_storage  # n
 from .checkpoints import CheckpointInfo, list_checkpoints
 from .errors import ConflictError, NotFoundError, SpecError, ZeroplaneError, first_line  # noqa: F401  (the CLI's)
 from .registry import Registry, check_model_name, parse_ref
-from .results import (ClusterStatus, JobPlan, JobStatus, NewKey, Promotion, PromotePlan, Rollback, ServeApp,
-                      Submission)
+from .results import (ApiKeyInfo, ClusterStatus, JobPlan, JobStatus, ModelVersion, NewKey, Promotion, PromotePlan,
+                      Rollback, ServeApp, Submission)
 from .spec import JobSpec, parse_spec
 from .spec.deepspeed import build_deepspeed_config
 from .storage import Storage
@@ -590,8 +590,8 @@ class Client:
         return ClusterStatus.from_dict(cluster_status(self.cluster))
 
     # ------------------------------------------------------------------ registry and keys (storage only)
-    def models(self, name: Optional[str] = None, storage: Optional[str] = None) -> List[Dict[str, Any]]:
-        """Registered versions (registry records), of ``name`` or of every model, oldest first.
+    def models(self, name: Optional[str] = None, storage: Optional[str] = None) -> List[ModelVersion]:
+        """Registered versions, of ``name`` or of every model, oldest first.
 
         Raises:
             SpecError: a bad name.
@@ -599,7 +599,7 @@ class Client:
         reg = Registry(self.storage(storage))
         if name:
             check_model_name(name)
-        return [v for m in ([name] if name else reg.models()) for v in reg.versions(m)]
+        return [ModelVersion(v) for m in ([name] if name else reg.models()) for v in reg.versions(m)]
 
     def create_key(self, name: Optional[str] = None, storage: Optional[str] = None) -> NewKey:
         """Create a serving API key; only its hash is stored."""
@@ -608,13 +608,13 @@ class Client:
         key, rec = create_key(self.storage(storage).uri, name)
         return NewKey(key=key, record=rec)
 
-    def list_keys(self, storage: Optional[str] = None) -> List[Dict[str, Any]]:
+    def list_keys(self, storage: Optional[str] = None) -> List[ApiKeyInfo]:
         """Key ids, labels, creation times and revocation state (never the keys)."""
         from .serve_keys import list_keys
 
-        return list_keys(self.storage(storage).uri)
+        return [ApiKeyInfo.from_record(r) for r in list_keys(self.storage(storage).uri)]
 
-    def revoke_key(self, key_id: str, storage: Optional[str] = None) -> Dict[str, Any]:
+    def revoke_key(self, key_id: str, storage: Optional[str] = None) -> ApiKeyInfo:
         """Revoke a key by id (replicas stop accepting it within their cache TTL).
 
         Raises:
@@ -622,11 +622,16 @@ class Client:
         """
         from .serve_keys import revoke_key
 
-        return revoke_key(self.storage(storage).uri, key_id)
+        return ApiKeyInfo.from_record(revoke_key(self.storage(storage).uri, key_id))
 
     def complete(self, name: str, prompt: str, max_tokens: int = 32, temperature: float = 0.0,
-                 seed: Optional[int] = None, api_key: Optional[str] = None, timeout_s: float = 120.0) -> Dict[str, Any]:
-        """Ask the deployed model ``name`` to continue ``prompt`` (see :func:`complete`)."""
+                 seed: Optional[int] = None, api_key: Optional[str] = None, timeout_s: float = 120.0):
+        """Ask the deployed model ``name`` to continue ``prompt`` (see :func:`complete`).
+
+        Raises:
+            SpecError: a bad name.
+            ZeroplaneError: no answer, or an error answer (with the server's reason).
+        """
         check_model_name(name)
         return complete(self.serve_url(name), prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
                         api_key=api_key, timeout_s=timeout_s, model=name)
@@ -649,7 +654,7 @@ def _running_overrides(app_details: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0.0, seed: Optional[int] = None,
-             api_key: Optional[str] = None, timeout_s: float = 120.0, model: Optional[str] = None) -> Dict[str, Any]:
+             api_key: Optional[str] = None, timeout_s: float = 120.0, model: Optional[str] = None):
     """A completion from a deployed model through the official ``openai`` client (base URL ``<url>/v1``).
 
     Args:
@@ -661,7 +666,7 @@ def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0
         model: the ``model`` field (default: the last path segment of ``url``).
 
     Returns:
-        The OpenAI completion object as a dict (``choices[0].text``, ``model``, ``usage``).
+        The ``openai.types.Completion`` (``choices[0].text``, ``model``, ``usage``; ``model_dump()`` for JSON).
 
     Raises:
         ZeroplaneError: connection failure or an error answer (with the server's reason).
@@ -686,7 +691,7 @@ def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0
             reason = "no such application on this cluster's Ray Serve"
             hint = " (`zeroplane serve status` lists deployed models; `zeroplane promote` deploys one)"
         raise ZeroplaneError(f"{url} answered {e.status_code}: {reason}{hint}") from None
-    return res.model_dump(exclude_none=True)
+    return res
 
 
 # ---------------------------------------------------------------------- calls that need no Client

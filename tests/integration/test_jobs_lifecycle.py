@@ -104,3 +104,34 @@ def test_bad_runtime_env_fails_with_reason_in_bounded_time(head):
     assert time.monotonic() - t0 < 120
     msg = zp.jobs.info("itest-bad-env").message
     assert "runtime" in msg.lower() and "_ray_pkg_0123456789abcdef" in msg, msg
+
+
+def test_dry_run_refuses_what_submit_refuses_and_shows_the_request_submit_sends(head):
+    """One code path: the dry run runs submit's preflights against the cluster and its request is the one sent."""
+    from zeroplane.cli.main import main
+    from zeroplane.errors import ZeroplaneError
+
+    zp, storage = head
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml",
+                     [f"checkpoint.storage_path={storage}", "scaling.resources_per_worker.CPU=1000"])
+    with pytest.raises(ZeroplaneError) as refused:
+        zp.submit(spec)
+    dry = CliRunner().invoke(main, ["train", "submit", str(REPO / "jobs" / "tiny-cpu.yaml"), "--dry-run",
+                                    "--set", f"checkpoint.storage_path={storage}",
+                                    "--set", "scaling.resources_per_worker.CPU=1000"])
+    assert dry.exit_code == 1 and refused.value.message in dry.output, dry.output
+    assert "resources_per_worker.CPU=1000" in refused.value.message
+
+    ok = load_spec(REPO / "jobs" / "tiny-cpu.yaml", [f"checkpoint.storage_path={storage}"])
+    plan = zp.dryrun(ok, job_id="itest-same-request")
+    assert {c.name: c.status for c in plan.request.checks} == {
+        "upload": "ok", "cluster": "ok", "storage": "ok", "single_node": "ok", "resources": "ok"}
+    zp.jobs.submit(plan.request)  # what the dry run showed is what Ray receives
+    try:
+        sent = zp.jobs.client.get_job_info("itest-same-request")
+        assert sent.entrypoint == plan.request.entrypoint
+        assert sent.metadata == plan.request.metadata
+        assert {k: sent.runtime_env["env_vars"][k] for k in plan.request.runtime_env["env_vars"]} == \
+            plan.request.runtime_env["env_vars"]
+    finally:
+        zp.stop("itest-same-request", wait_s=90)

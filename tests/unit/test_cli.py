@@ -361,3 +361,56 @@ def test_promote_refuses_inverted_replica_bounds_before_any_work(tmp_path):
     assert r.exit_code == 2
     assert "--min-replicas 5 is above --max-replicas 2" in r.output
     assert not (tmp_path / "models").exists()
+
+
+# ---------------------------------------------------------------- structure: dry run, progress stream, profiles
+
+
+def test_dry_run_without_a_cluster_lists_the_cluster_checks_as_skipped_and_why():
+    plan, _ = _plan()
+    checks = {c["name"]: c for c in plan["preflight"]}
+    assert checks["upload"]["status"] == "ok"
+    for name in ("cluster", "storage", "single_node", "resources"):
+        assert checks[name]["status"] == "skipped"
+        assert "zeroplane cluster up" in checks[name]["detail"]  # the reason a submit would stop at
+    assert plan["storage"].endswith(f"/jobs/{plan['job_id']}")
+
+
+def test_dry_run_with_an_unreachable_address_fails_like_submit(monkeypatch):
+    """Given a cluster, the dry run runs submit's preflights: an address nobody answers fails both alike."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    dry = run("train", "submit", TINY, "--dry-run")
+    sub = run("train", "submit", TINY)
+    assert dry.exit_code == sub.exit_code == 1
+    assert "127.0.0.1:9" in dry.output and "Traceback" not in dry.output
+
+
+def test_progress_parser_gives_the_same_events_whatever_the_chunking():
+    from zeroplane.sdk import ProgressParser
+
+    log = "".join(f'(RayTrainWorker pid=1) ZEROPLANE_PROGRESS {{"event": "step", "step": {i}, "loss": {i / 3}}}\n'
+                  f"noise {i} ümlaut\n" for i in range(40))
+    whole = parse_progress(log)
+    assert [e["step"] for e in whole] == list(range(40))
+    for size in (1, 7, 64, 1000):
+        p = ProgressParser()
+        events = []
+        for i in range(0, len(log), size):
+            events += p.feed(log[i:i + size])
+        events += p.close()
+        assert events == whole, size
+
+
+def test_a_profile_storage_is_the_default_storage(tmp_path, _isolated, monkeypatch):
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    Registry(Storage.from_uri(str(tmp_path / "profile-st"))).register("tiny", src, {"source": {"job_id": "j", "step": 1}})
+    (_isolated / "config.yaml").write_text(
+        f"profiles:\n  lab:\n    address: http://127.0.0.1:9\n    storage: {tmp_path / 'profile-st'}\n")
+    monkeypatch.delenv("ZEROPLANE_STORAGE")
+    rows = json.loads(run("--profile", "lab", "models", "list", "-o", "json").stdout)
+    assert [(r["name"], r["version"]) for r in rows] == [("tiny", "v1")]
+    assert json.loads(run("models", "list", "-o", "json").stdout) == []  # no profile: ~/.zeroplane/storage
+    monkeypatch.setenv("ZEROPLANE_STORAGE", str(tmp_path / "env-st"))
+    assert json.loads(run("--profile", "lab", "models", "list", "-o", "json").stdout) == []  # the env var wins

@@ -28,7 +28,7 @@ class PreflightCheck:
     """One check run before a job is submitted.
 
     Attributes:
-        name: ``storage`` (root writable), ``single_node`` (local storage on one node), ``resources``
+        name: ``cluster`` (its dashboard answers), ``storage`` (root writable), ``single_node`` (local storage on one node), ``resources``
             (workers fit the cluster), ``upload`` (package under the size limit).
         status: ``ok``, ``failed`` or ``skipped``.
         detail: what was checked, why it failed (the error submit raises) or why it was skipped.

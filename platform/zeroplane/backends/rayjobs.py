@@ -218,8 +218,9 @@ class RayJobsBackend(Backend):
 
     # ------------------------------------------------------------------ dry run and submit
     def dryrun(self, spec: JobSpec, job_id: str, submission_id: Optional[str] = None) -> JobRequest:
-        """The checked request for ``spec``: upload size always; storage writable, local storage on a
-        single node and resources that fit, against the cluster (skipped, with the reason, without one).
+        """The checked request for ``spec``: upload size always; the cluster answers, storage writable,
+        local storage on a single node and resources that fit, against the cluster (skipped, with the
+        reason, without one).
 
         Raises:
             ZeroplaneError: a check failed.
@@ -230,11 +231,16 @@ class RayJobsBackend(Backend):
         checks = [PreflightCheck("upload", "ok", f"{size / 2**20:.2f} MiB")]
         if self.cluster is None:
             why = f"skipped: {self._no_cluster_reason}"
-            checks += [PreflightCheck(n, "skipped", why) for n in ("storage", "single_node", "resources")]
+            checks += [PreflightCheck(n, "skipped", why) for n in ("cluster", "storage", "single_node", "resources")]
         else:
             from ..cluster import cluster_status
 
-            nodes = [n for n in cluster_status(self.cluster).get("nodes", []) if n.get("alive")]
+            status = cluster_status(self.cluster)
+            if not status.get("alive"):
+                why = "; ".join(status.get("errors") or []) or "no answer"
+                raise ZeroplaneError(f"cannot reach the Ray cluster at {self.dashboard_url}: {why}")
+            checks.append(PreflightCheck("cluster", "ok", f"{self.dashboard_url} answers"))
+            nodes = [n for n in status.get("nodes", []) if n.get("alive")]
             check_fits(spec, storage, nodes, f"the cluster at {self.dashboard_url}")
             preflight_storage(storage)
             checks.append(PreflightCheck("storage", "ok", f"{storage.uri} is writable"))

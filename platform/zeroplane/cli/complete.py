@@ -26,5 +26,5 @@ def complete(zp, name, prompt, max_tokens, temperature, seed, api_key, output) -
                              api_key=api_key if api_key is not None else saved_api_key())
     if output == "json":
         return emit_json(res)
-    click.echo(prompt + res["choices"][0]["text"])
-    err(f"[{res['model']}, {res['usage']['completion_tokens']} new tokens]")
+    click.echo(prompt + res.choices[0].text)
+    err(f"[{res.model}, {res.usage.completion_tokens if res.usage else '?'} new tokens]")

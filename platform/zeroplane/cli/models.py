@@ -6,7 +6,7 @@ import click
 
 from .context import pass_zp
 from .options import AUTOSCALING, CANARY, CLUSTER_READ, JOB_STORAGE, NO_AUTH, OUTPUT, STORAGE, pop_overrides
-from .output import console, emit_json, fmt, table
+from .output import console, emit_json, fmt, show, table
 
 
 @click.command("promote")
@@ -55,9 +55,11 @@ def models() -> None:
 @pass_zp
 def models_list(zp, name, storage, output) -> None:
     """Models, or the versions of NAME."""
-    rows = zp.client.models(name, storage=storage)
-    if output == "json":
-        return emit_json(rows)
+    show(output, zp.client.models(name, storage=storage), _print_versions)
+
+
+def _print_versions(versions) -> None:
+    rows = [v.record for v in versions]
     table(None, ["model", "version", "job", "step", "val_loss", "registered", "uri"],
           [[r["name"], r["version"], r["source"]["job_id"], r["source"]["step"],
             fmt((r.get("metrics") or {}).get("val_loss"), 4), r.get("registered_at", "")[:19], r["uri"]] for r in rows])

@@ -37,6 +37,8 @@ def emit_json(obj: Any) -> None:
     def plain(o: Any) -> Any:
         if hasattr(o, "to_dict"):
             return o.to_dict()
+        if hasattr(o, "model_dump"):  # the openai client's response models
+            return o.model_dump(exclude_none=True)
         if isinstance(o, list):
             return [plain(x) for x in o]
         return o

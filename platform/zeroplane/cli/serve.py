@@ -6,7 +6,7 @@ import click
 
 from .context import pass_zp
 from .options import ADDRESS, AUTOSCALING, CANARY, CLUSTER_READ, NO_AUTH, OUTPUT, STORAGE, pop_overrides
-from .output import emit_json, err, table
+from .output import emit_json, err, show, table
 
 
 @click.group()
@@ -109,10 +109,8 @@ def keys_create(zp, key_name, storage, save) -> None:
 @pass_zp
 def keys_list(zp, storage, output) -> None:
     """Key ids, labels and whether they are revoked (never the keys)."""
-    rows = zp.client.list_keys(storage=storage)
-    if output == "json":
-        return emit_json(rows)
-    table(None, ["id", "name", "created", "revoked"], [[r["id"], r.get("name"), r.get("created_at"), r.get("revoked")] for r in rows])
+    show(output, zp.client.list_keys(storage=storage),
+         lambda keys: table(None, ["id", "name", "created", "revoked"], [[k.id, k.name, k.created_at, k.revoked] for k in keys]))
 
 
 @keys.command("revoke")
