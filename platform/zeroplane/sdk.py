@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from . import layout, names
 from .backends.base import TERMINAL, JobInfo
-from .backends.rayjobs import RayJobsBackend, new_job_id, preflight_storage  # noqa: F401  (tests use it from here)
+from .backends.rayjobs import CREDENTIALS_WARNING, RayJobsBackend, new_job_id, preflight_storage  # noqa: F401
 from .checkpoints import CheckpointInfo, list_checkpoints
 from .errors import ConflictError, NotFoundError, SpecError, ZeroplaneError, first_line  # noqa: F401  (the CLI's)
 from .registry import Registry, check_model_name, parse_ref
@@ -166,20 +166,21 @@ class Client:
     # ------------------------------------------------------------------ training
     @staticmethod
     def plan(spec: JobSpec, job_id: Optional[str] = None, backend: Optional[RayJobsBackend] = None,
-             no_cluster_reason: str = "no cluster to check against") -> JobPlan:
+             no_cluster_reason: str = "no cluster to check against", pass_credentials: bool = False) -> JobPlan:
         """What ``submit`` would send: the checked request, the resolved spec, the DeepSpeed config and the
         memory estimate. With ``backend`` every preflight runs against its cluster (and raises as
         ``submit`` would); without, the cluster checks are skipped with ``no_cluster_reason``.
+        ``pass_credentials``: see :meth:`submit`.
 
         Raises:
             ZeroplaneError: a preflight failed.
         """
         backend = backend or RayJobsBackend(None, no_cluster_reason)
-        request = backend.dryrun(spec, job_id or new_job_id(spec.name))
+        request = backend.dryrun(spec, job_id or new_job_id(spec.name), pass_credentials=pass_credentials)
         return JobPlan(request=request, spec=spec.model_dump(mode="json"),
                        deepspeed_config=build_deepspeed_config(spec), memory_estimate=memory_estimate(spec))
 
-    def dryrun(self, spec: JobSpec, job_id: Optional[str] = None) -> JobPlan:
+    def dryrun(self, spec: JobSpec, job_id: Optional[str] = None, pass_credentials: bool = False) -> JobPlan:
         """:meth:`plan` against this client's cluster: every preflight ``submit`` runs, and fails as it
         would. When no cluster can be found (nothing given, no local head) a submit could not run at
         all; the plan is then made without the cluster checks, which it lists as skipped with the reason.
@@ -193,23 +194,27 @@ class Client:
         except SpecError:
             raise
         except ZeroplaneError as e:  # no cluster: plan only
-            return self.plan(spec, job_id, no_cluster_reason=e.message)
-        return self.plan(spec, job_id, backend=backend)
+            return self.plan(spec, job_id, no_cluster_reason=e.message, pass_credentials=pass_credentials)
+        return self.plan(spec, job_id, backend=backend, pass_credentials=pass_credentials)
 
-    def submit(self, spec: JobSpec, job_id: Optional[str] = None) -> Submission:
+    def submit(self, spec: JobSpec, job_id: Optional[str] = None, pass_credentials: bool = False) -> Submission:
         """Submit ``spec`` as a Ray Job: exactly the request :meth:`dryrun` returns, after its preflights.
+
+        The job gets no credentials of this process: the nodes use their own (instance profile, workload
+        identity, the environment the cluster was started with). ``pass_credentials=True`` puts this
+        process's AWS keys into the job request, where every holder of the cluster token can read them.
 
         Raises:
             ZeroplaneError: a preflight failed (storage not writable; local storage on a multi-node
                 cluster without ``checkpoint.shared_filesystem``; workers that do not fit; upload too
                 large) or the submission failed.
         """
-        request = self.jobs.dryrun(spec, job_id or new_job_id(spec.name))
+        request = self.jobs.dryrun(spec, job_id or new_job_id(spec.name), pass_credentials=pass_credentials)
         self.jobs.submit(request)
         return Submission(job_id=request.submission_id, zeroplane_job_id=request.job_id,
                           storage=request.storage_uri, max_steps=spec.train.max_steps)
 
-    def resume(self, job_id: str, overrides: Optional[List[str]] = None) -> Submission:
+    def resume(self, job_id: str, overrides: Optional[List[str]] = None, pass_credentials: bool = False) -> Submission:
         """Resubmit an ended job so that it continues from its newest complete checkpoint.
 
         The new Ray Job is ``<job>-r<k>`` (k = 1, 2, …) and runs under the ORIGINAL zeroplane job id: same
@@ -219,6 +224,7 @@ class Client:
         Args:
             job_id: the job id or any of its resume submission ids.
             overrides: ``key.path=value`` strings, as ``--set``.
+            pass_credentials: see :meth:`submit`.
 
         Returns:
             The submission; ``resume_step`` None means no complete checkpoint yet (starts at step 0).
@@ -244,7 +250,8 @@ class Client:
         k = 1
         while f"{run}{names.RESUME_SUFFIX}{k}" in taken:
             k += 1
-        request = self.jobs.dryrun(spec, run, submission_id=f"{run}{names.RESUME_SUFFIX}{k}")
+        request = self.jobs.dryrun(spec, run, submission_id=f"{run}{names.RESUME_SUFFIX}{k}",
+                                   pass_credentials=pass_credentials)
         newest = latest_complete(Storage.for_checkpoint_spec(spec.checkpoint), run)
         self.jobs.submit(request)
         return Submission(job_id=request.submission_id, zeroplane_job_id=run, storage=request.storage_uri,
@@ -415,8 +422,13 @@ class Client:
         """A :class:`zeroplane.serving.ServeClient` for this cluster."""
         from .serving import ServeClient
 
+        from urllib.parse import urlsplit
+
+        # A remote cluster's Serve proxy is reached on the host of its dashboard, not on this machine.
+        public = "127.0.0.1" if self.cluster.local else (urlsplit(self.cluster.dashboard_url).hostname or "127.0.0.1")
         host = "127.0.0.1" if self.cluster.local else "0.0.0.0"
-        return ServeClient(self.cluster.dashboard_url, http_host=host, http_port=self.cluster.serve_http_port)
+        return ServeClient(self.cluster.dashboard_url, http_host=host, http_port=self.cluster.serve_http_port,
+                           public_host=public)
 
     def serve_url(self, name: str) -> str:
         """Base URL of model ``name``'s application, e.g. ``http://127.0.0.1:8000/pydoc-gpt``."""
@@ -653,6 +665,21 @@ def _running_overrides(app_details: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _plain_http_to_another_host(url: str) -> bool:
+    """True for an ``http://`` URL whose host is not this machine's loopback."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
+
+
 def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0.0, seed: Optional[int] = None,
              api_key: Optional[str] = None, timeout_s: float = 120.0, model: Optional[str] = None):
     """A completion from a deployed model through the official ``openai`` client (base URL ``<url>/v1``).
@@ -673,6 +700,11 @@ def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0
     """
     import openai
 
+    if api_key and _plain_http_to_another_host(url):
+        import warnings
+
+        warnings.warn(f"sending an API key over plain http:// to {url}; anyone on the network path can read it "
+                      "(terminate TLS in front of Ray Serve and use https://)", stacklevel=2)
     # openai requires some key; without one the server answers 401 and the message says how to make one
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", timeout=timeout_s, max_retries=0)
     extra = {"seed": seed} if seed is not None else {}

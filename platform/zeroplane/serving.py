@@ -51,18 +51,25 @@ def app_config(name: str, version: Dict[str, Any], storage_uri: str, serve_defau
     from pydantic import ValidationError
 
     from .spec import format_validation_error
-    from .spec.model import AutoscalingSpec, ServeSpec
+    from .spec.model import AutoscalingSpec, ServeSpec, check_replica_actor_options
 
-    s = ServeSpec.model_validate(serve_defaults or {}).model_dump()
+    # ``auth`` and ``ray_actor_options`` of versions registered before they were restricted are not taken
+    # on trust: auth comes from the deployer only, actor options are checked below.
+    stored = {k: v for k, v in (serve_defaults or {}).items() if k not in ("auth", "ray_actor_options")}
+    s = ServeSpec.model_validate(stored).model_dump()
     o = overrides or {}
     autoscaling = {**s["autoscaling"], **(o.get("autoscaling") or {})}
     try:
         autoscaling = AutoscalingSpec.model_validate(autoscaling).model_dump()
     except ValidationError as e:
         raise SpecError("; ".join(format_validation_error(e, "autoscaling").splitlines())) from None
+    # A stored version's serve_defaults may predate the allow-list: check what is actually deployed.
+    actor_options = {**(serve_defaults or {}).get("ray_actor_options", s["ray_actor_options"]),
+                     **(o.get("ray_actor_options") or {})}
+    check_replica_actor_options(actor_options, "ray_actor_options")
     deployment = {
         "autoscaling_config": autoscaling,
-        "ray_actor_options": {**s["ray_actor_options"], **(o.get("ray_actor_options") or {})},
+        "ray_actor_options": actor_options,
         "max_surge_percent": MAX_SURGE_PERCENT,
     }
     args: Dict[str, Any] = {
@@ -70,7 +77,8 @@ def app_config(name: str, version: Dict[str, Any], storage_uri: str, serve_defau
         "version": version["version"],
         "model_uri": version["uri"],
         "storage_path": storage_uri,
-        "auth": o.get("auth", s["auth"]),
+        # keys are off only when the deployer says so (--no-auth); a spec's serve section never decides it
+        "auth": o.get("auth", True),
         "max_tokens_cap": s["max_tokens_cap"],
         "max_batch_size": o.get("max_batch_size", s["max_batch_size"]),
         "batch_wait_timeout_s": s["batch_wait_timeout_s"],
@@ -109,8 +117,11 @@ def split_of(app_details: Dict[str, Any]) -> List[Dict[str, Any]]:
 class ServeClient:
     """Deploy, inspect and delete zeroplane applications on a cluster's Serve."""
 
-    def __init__(self, dashboard_url: str, http_host: str = "127.0.0.1", http_port: int = 8000) -> None:
+    def __init__(self, dashboard_url: str, http_host: str = "127.0.0.1", http_port: int = 8000,
+                 public_host: Optional[str] = None) -> None:
         self.dashboard_url, self.http_host, self.http_port = dashboard_url, http_host, http_port
+        #: The host clients reach the Serve proxy at (``http_host`` is what the proxy binds).
+        self.public_host = public_host or ("127.0.0.1" if http_host in ("0.0.0.0", "") else http_host)
         self._client = None
 
     @property
@@ -261,8 +272,8 @@ class ServeClient:
             self.client.delete_applications()
 
     def url(self, name: str) -> str:
-        """Base URL of an application, e.g. ``http://127.0.0.1:8000/pydoc-gpt``."""
-        host = "127.0.0.1" if self.http_host in ("0.0.0.0", "") else self.http_host
+        """Base URL of an application, e.g. ``http://127.0.0.1:8000/pydoc-gpt`` (on ``public_host``)."""
+        host = f"[{self.public_host}]" if ":" in self.public_host else self.public_host
         return f"http://{host}:{self.http_port}/{name}"
 
 

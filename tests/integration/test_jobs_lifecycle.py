@@ -135,3 +135,37 @@ def test_dry_run_refuses_what_submit_refuses_and_shows_the_request_submit_sends(
             plan.request.runtime_env["env_vars"]
     finally:
         zp.stop("itest-same-request", wait_s=90)
+
+
+def test_no_credential_of_the_submitter_reaches_the_cluster(head, monkeypatch):
+    """A job request is readable by every token holder: the submitting shell's secrets are never in it,
+    nor in the job's log, nor in any Ray log file."""
+    import secrets
+
+    import requests
+
+    from zeroplane.cluster import auth_headers
+
+    zp, storage = head
+    sentinel = f"zp-sentinel-{secrets.token_hex(8)}"
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(var, f"{sentinel}-{var}")
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml", [f"checkpoint.storage_path={storage}", "train.max_steps=2",
+                                                       "checkpoint.every_n_steps=2"])
+    job = zp.submit(spec).job_id
+    assert zp.wait(job, timeout_s=300) == "SUCCEEDED", zp.jobs.logs(job)[-3000:]
+
+    base = zp.cluster.dashboard_url
+    answers = [requests.get(f"{base}/api/jobs/", headers=auth_headers(), timeout=30).text,
+               requests.get(f"{base}/api/jobs/{job}", headers=auth_headers(), timeout=30).text,
+               zp.jobs.logs(job)]
+    assert job in answers[0] and all(sentinel not in a for a in answers)
+    leaked = []
+    for path in Path(zp.cluster.temp_dir).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if sentinel.encode() in path.read_bytes():
+                    leaked.append(str(path))
+            except OSError:
+                continue  # sockets, files that vanished
+    assert leaked == []

@@ -155,10 +155,17 @@ def test_submit_dry_run_masks_secrets(monkeypatch):
     for value in (secret, "AKIAIOSFODNN7EXAMPLE", "session-token-value-123"):
         assert value not in raw
     env = plan["ray_job_request"]["runtime_env"]["env_vars"]
-    assert env["AWS_SECRET_ACCESS_KEY"] == "***"
-    assert env["AWS_ACCESS_KEY_ID"] == "***"
-    assert env["AWS_SESSION_TOKEN"] == "***"
+    # no credential travels in a job request unless asked for: the nodes use their own
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"} & set(env)
     assert env["AWS_REGION"] == "eu-west-9"  # not a secret: shown as sent
+    # the explicit opt-in warns, and the request is still shown masked
+    result = run("train", "submit", TINY, "--dry-run", "--pass-credentials")
+    assert result.exit_code == 0, result.output
+    assert "--pass-credentials" in result.stderr and "cluster's token" in result.stderr
+    for value in (secret, "AKIAIOSFODNN7EXAMPLE", "session-token-value-123"):
+        assert value not in result.output
+    env = json.loads(result.stdout)["ray_job_request"]["runtime_env"]["env_vars"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == env["AWS_ACCESS_KEY_ID"] == env["AWS_SESSION_TOKEN"] == "***"
 
 
 def test_submit_invalid_override_exits_2_before_contacting_a_cluster(monkeypatch):
@@ -297,8 +304,9 @@ def test_plan_needs_no_cluster_and_keeps_the_job_id():
 def test_build_request_keeps_secrets_and_redact_masks_a_copy(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "topsecret")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
-    req = build_request(load_spec(TINY), "j")
-    assert req["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "topsecret"  # sent to the job
+    assert "AWS_SECRET_ACCESS_KEY" not in build_request(load_spec(TINY), "j")["runtime_env"]["env_vars"]
+    req = build_request(load_spec(TINY), "j", pass_credentials=True)
+    assert req["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "topsecret"  # sent to the job on request
     shown = redact(req)
     assert shown["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "***"
     assert shown["runtime_env"]["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"

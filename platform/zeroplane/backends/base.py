@@ -128,8 +128,10 @@ class Backend(abc.ABC):
     """Where jobs run. Every method raises :class:`zeroplane.errors.ZeroplaneError` subclasses only."""
 
     @abc.abstractmethod
-    def dryrun(self, spec: JobSpec, job_id: str, submission_id: Optional[str] = None) -> JobRequest:
-        """The request ``submit`` would send for ``spec``, after every preflight.
+    def dryrun(self, spec: JobSpec, job_id: str, submission_id: Optional[str] = None,
+               pass_credentials: bool = False) -> JobRequest:
+        """The request ``submit`` would send for ``spec``, after every preflight (``pass_credentials``:
+        put the submitter's cloud credentials into the request; off by default, see SECURITY.md).
 
         Raises:
             ZeroplaneError: a preflight failed (the message names what, and the fix).

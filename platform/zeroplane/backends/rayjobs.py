@@ -30,10 +30,16 @@ if TYPE_CHECKING:
     from ..cluster import ClusterInfo
 
 ENTRYPOINT = names.ENTRYPOINT
-#: Environment variables passed through to the job when set where the CLI runs (never printed).
-PASSTHROUGH_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+#: Environment variables passed through to the job when set where the CLI runs: where S3 is, never who.
+PASSTHROUGH_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+#: Credentials. A job request is readable by every holder of the cluster token (``ray job list``, the Jobs
+#: API, the dashboard), so these never travel in one unless the submitter opts in (``pass_credentials``);
+#: the nodes use their own (instance profile / workload identity, the environment the cluster was started
+#: with, the Kubernetes Secret of the rendered manifests). Masked wherever a request is shown.
 SECRET_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+#: Printed when credentials are passed on purpose.
+CREDENTIALS_WARNING = ("WARNING: --pass-credentials: the AWS credentials of this shell travel in the job request, "
+                       "where every holder of the cluster's token can read them (ray job list, the Jobs API)")
 #: Defaults for Ray's own settings in the job (the CLI's environment overrides them). Ray Train's controller
 #: polls the workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (Ray's default 2 s) and only notices that
 #: training ended (or a worker died) at a poll, and shutting the worker group down waits on polls too; 0.5 s
@@ -51,7 +57,8 @@ def new_job_id(name: str) -> str:
     return f"{name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def build_request(spec: JobSpec, job_id: str, submission_id: Optional[str] = None) -> Dict[str, Any]:
+def build_request(spec: JobSpec, job_id: str, submission_id: Optional[str] = None,
+                  pass_credentials: bool = False) -> Dict[str, Any]:
     """The ``submit_job`` keyword arguments for ``spec``, without any preflight (see
     :meth:`RayJobsBackend.dryrun` for the checked, typed request).
 
@@ -59,14 +66,16 @@ def build_request(spec: JobSpec, job_id: str, submission_id: Optional[str] = Non
         spec: the resolved job spec.
         job_id: the zeroplane job id (run folder ``jobs/<job_id>`` in storage).
         submission_id: the Ray Job id; default ``job_id`` (a resume passes ``<job_id>-r<k>``).
-
-    Secret environment values are included here but masked by :func:`redact` for display.
+        pass_credentials: also put this process's ``SECRET_ENV`` values into the job's environment
+            (default False: see ``SECRET_ENV``); they are masked by :func:`redact` for display.
     """
     pkg = Path(__file__).resolve().parents[1]
     env = {names.ENV_SPEC_JSON: json.dumps(spec.model_dump(mode="json"), separators=(",", ":")),
            names.ENV_JOB_ID: job_id, "PYTHONUNBUFFERED": "1"}
     env.update({k: os.environ.get(k) or v for k, v in RAY_ENV_DEFAULTS.items()})
     env.update({k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k)})
+    if pass_credentials:
+        env.update({k: os.environ[k] for k in sorted(SECRET_ENV) if os.environ.get(k)})
     metadata = {names.META_KIND: names.META_KIND_TRAIN, names.META_NAME: spec.name}
     if submission_id and submission_id != job_id:
         metadata[names.META_JOB_ID] = job_id
@@ -126,7 +135,7 @@ def preflight_storage(storage: Storage) -> None:
         ZeroplaneError: one line naming the storage (for S3: bucket and endpoint) and the error; never
             the credentials.
     """
-    probe = storage.path(layout.PREFLIGHT_FILE)
+    probe = storage.path(f"{layout.PREFLIGHT_FILE}-{secrets.token_hex(4)}")  # one per call: submits run at once
     try:
         storage.write_bytes(probe, b"ok")
         storage.fs.delete_file(probe)
@@ -217,15 +226,16 @@ class RayJobsBackend(Backend):
         return self._client
 
     # ------------------------------------------------------------------ dry run and submit
-    def dryrun(self, spec: JobSpec, job_id: str, submission_id: Optional[str] = None) -> JobRequest:
+    def dryrun(self, spec: JobSpec, job_id: str, submission_id: Optional[str] = None,
+               pass_credentials: bool = False) -> JobRequest:
         """The checked request for ``spec``: upload size always; the cluster answers, storage writable,
         local storage on a single node and resources that fit, against the cluster (skipped, with the
-        reason, without one).
+        reason, without one). ``pass_credentials``: see :func:`build_request`.
 
         Raises:
             ZeroplaneError: a check failed.
         """
-        raw = build_request(spec, job_id, submission_id)
+        raw = build_request(spec, job_id, submission_id, pass_credentials=pass_credentials)
         storage = Storage.for_checkpoint_spec(spec.checkpoint)
         size = check_upload_size(raw)
         checks = [PreflightCheck("upload", "ok", f"{size / 2**20:.2f} MiB")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import click
 
@@ -61,6 +62,12 @@ def main(ctx: click.Context, profile) -> None:
     """zeroplane: train Hugging Face causal LMs with DeepSpeed ZeRO on Ray Train, promote checkpoints
     to model versions, and serve them with Ray Serve."""
     ctx.obj = ZpContext(profile=profile)
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (e.g. a key about to go over plain http) as one ``WARNING: …`` line on stderr."""
+    click.echo(f"WARNING: {message}", err=True)
 
 
 for _cmd in (cluster, spec, train, checkpoints, promote, models, serve, complete, render):

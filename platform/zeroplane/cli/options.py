@@ -42,6 +42,20 @@ def _no_auth(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
 NO_AUTH = click.option("--no-auth", is_flag=True, callback=_no_auth,
                        help="Serve WITHOUT API keys (local experiments only).")
 
+def _pass_credentials(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        from ..sdk import CREDENTIALS_WARNING
+
+        click.echo(CREDENTIALS_WARNING, err=True)
+    return value
+
+
+#: ``--pass-credentials``: the submitting shell's AWS keys go into the job request (warns when given).
+PASS_CREDENTIALS = click.option(
+    "--pass-credentials", is_flag=True, callback=_pass_credentials,
+    help="Put this shell's AWS_ACCESS_KEY_ID/SECRET_ACCESS_KEY/SESSION_TOKEN into the job request (readable by "
+         "every holder of the cluster token). Default: the nodes use their own credentials.")
+
 _AUTOSCALING_FLAGS = (
     ("min_replicas", int, "serve.autoscaling.min_replicas"),
     ("max_replicas", int, "serve.autoscaling.max_replicas"),

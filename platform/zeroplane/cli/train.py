@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 import click
 
 from .context import pass_zp
-from .options import ADDRESS, CLUSTER_READ, OUTPUT, SET, TIMEOUT, WAIT
+from .options import ADDRESS, CLUSTER_READ, OUTPUT, PASS_CREDENTIALS, SET, TIMEOUT, WAIT
 from .output import console, emit_json, err, fmt, show, table
 
 
@@ -24,15 +24,16 @@ def train() -> None:
                                               "the exact Ray job request (secrets masked); submit nothing.")
 @WAIT
 @TIMEOUT
+@PASS_CREDENTIALS
 @CLUSTER_READ
-def train_submit(zp, file, overrides, dry_run, wait, timeout_s, output) -> None:
+def train_submit(zp, file, overrides, dry_run, wait, timeout_s, pass_credentials, output) -> None:
     """Submit the job spec FILE as a Ray Job running a Ray Train TorchTrainer with DeepSpeed."""
     from ..sdk import load_spec
 
     s = load_spec(file, list(overrides))
     if dry_run:
-        return emit_json(zp.client.dryrun(s))
-    sub = zp.client.submit(s)
+        return emit_json(zp.client.dryrun(s, pass_credentials=pass_credentials))
+    sub = zp.client.submit(s, pass_credentials=pass_credentials)
     if output == "json" and not wait:
         return emit_json({"job_id": sub.job_id, "storage": sub.storage})
     err(f"submitted {sub.job_id} to {zp.client.cluster.dashboard_url}; checkpoints in {sub.storage}")
@@ -45,14 +46,15 @@ def train_submit(zp, file, overrides, dry_run, wait, timeout_s, output) -> None:
               help="Override a field of the job's original spec, e.g. train.max_steps=600.")
 @WAIT
 @TIMEOUT
+@PASS_CREDENTIALS
 @CLUSTER_READ
-def train_resume(zp, job_id, overrides, wait, timeout_s, output) -> None:
+def train_resume(zp, job_id, overrides, wait, timeout_s, pass_credentials, output) -> None:
     """Continue the ended job JOB_ID from its newest complete checkpoint.
 
     Submits a new Ray Job JOB_ID-r<k> with the job's original spec (train.stop_after_steps cleared,
     then --set applied) that runs under the same job id: same run folder, same checkpoints.
     """
-    sub = zp.client.resume(job_id, list(overrides))
+    sub = zp.client.resume(job_id, list(overrides), pass_credentials=pass_credentials)
     if output == "json" and not wait:
         return emit_json(sub)
     start = f"step {sub.resume_step}" if sub.resume_step is not None else "step 0 (no complete checkpoint yet)"

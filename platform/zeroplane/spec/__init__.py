@@ -24,6 +24,31 @@ _INT_RE = re.compile(r"[+-]?\d+")
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
+#: ``scheme://user:password@`` in a URL: what error messages mask.
+_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (``*name``): a few hundred bytes of nested aliases expand to
+    billions of nodes ("billion laughs"), and a job spec never needs them."""
+
+    def compose_node(self, parent, index):  # noqa: D102  (PyYAML's hook)
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed "
+                              "in job specs; write the value out")
+        return super().compose_node(parent, index)
+
+
+class _AliasError(yaml.YAMLError):
+    """An alias in a spec or ``--set`` value."""
+
+
+def _yaml(text: str) -> Any:
+    """``text`` parsed as YAML with the safe loader, aliases refused (:class:`_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def _parse_scalar(text: str) -> Any:
     """Parse a ``--set`` value: numbers as decimal numbers (``1e-3`` -> 0.001, ``0123`` -> 123, unlike
     YAML 1.1), anything else with YAML rules (``true`` -> bool, ``{a: 1}`` -> dict, else a string)."""
@@ -33,7 +58,9 @@ def _parse_scalar(text: str) -> Any:
     if _FLOAT_RE.fullmatch(raw):
         return float(raw)
     try:
-        return _numbers_to_float(yaml.safe_load(text))
+        return _numbers_to_float(_yaml(text))
+    except _AliasError as e:
+        raise SpecError(f"--set {text!r}: {e}") from None
     except yaml.YAMLError:
         return text
 
@@ -94,6 +121,8 @@ def format_validation_error(err: ValidationError, source: str = "spec") -> str:
         elif e["type"] == "missing":
             msg = "required field is missing; add it"
         value = e.get("input")
+        if isinstance(value, str):
+            value = _URL_USERINFO.sub(r"\1***@", value)  # never print a password given inside a URL
         shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" = {json.dumps(value, default=str)}"
         lines.append(f"{source}: {loc}{shown}: {msg}")
     return "\n".join(lines)
@@ -148,9 +177,11 @@ def load_spec(path: str | os.PathLike, overrides: Optional[List[str]] = None) ->
     except OSError as e:
         raise SpecError(f"spec file {str(p)!r}: {e.strerror or e}; give the path of a YAML job spec (see jobs/)") from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except RecursionError:
         raise SpecError(f"{p}: YAML nested too deeply to be a job spec") from None
+    except _AliasError as e:
+        raise SpecError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{p}: not valid YAML: {first_line(e)}") from None
     if data is None:

@@ -270,6 +270,10 @@ class CheckpointSpec(_Strict):
     @field_validator("s3_endpoint_url")
     @classmethod
     def _endpoint_is_url(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "@" in v.split("//", 1)[-1].split("/", 1)[0]:
+            # the spec travels in the job request and is printed by --dry-run: no secret belongs in it
+            raise ValueError("credentials do not belong in the endpoint URL (the spec is shown and sent with every "
+                             "job); give http(s)://host[:port] and the keys through the environment")
         if v is not None and not re.fullmatch(r"https?://[^/\s]+/?", v):
             raise ValueError(f"'{v}' is not an endpoint URL; use http(s)://host[:port], without a path")
         return v
@@ -299,6 +303,23 @@ class AutoscalingSpec(_Strict):
         return self
 
 
+#: The Ray actor options a replica may get from a spec or a flag. Others (``runtime_env`` above all: pip
+#: packages and environment variables) would let a job's author run code on the serving cluster.
+REPLICA_ACTOR_OPTIONS = ("num_cpus", "num_gpus", "memory", "accelerator_type", "resources")
+
+
+def check_replica_actor_options(options: Dict[str, Any], field: str) -> None:
+    """Refuse replica actor options outside :data:`REPLICA_ACTOR_OPTIONS`.
+
+    Raises:
+        SpecError: names the field, the key and the allowed keys.
+    """
+    extra = sorted(set(options or {}) - set(REPLICA_ACTOR_OPTIONS))
+    if extra:
+        raise SpecError(f"{field}: {', '.join(extra)} not allowed for serving replicas; use only "
+                        f"{', '.join(REPLICA_ACTOR_OPTIONS)}")
+
+
 class ServeSpec(_Strict):
     """Defaults used by `zeroplane promote` when it deploys a version with Ray Serve.
 
@@ -309,12 +330,27 @@ class ServeSpec(_Strict):
 
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Ray Serve autoscaling_config.")
     ray_actor_options: Dict[str, Any] = Field(
-        default_factory=lambda: {"num_cpus": 0.5}, description="Ray actor options of each replica (num_cpus, num_gpus, memory)."
-    )
+        default_factory=lambda: {"num_cpus": 0.5},
+        description="Ray actor options of each replica, only " + ", ".join(REPLICA_ACTOR_OPTIONS) + ".")
     max_tokens_cap: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
     max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call per replica.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a replica waits to fill a batch.")
-    auth: bool = Field(True, description="Require a bearer API key (zeroplane serve keys create).")
+    auth: bool = Field(True, description="Require a bearer API key (zeroplane serve keys create). Only true in a "
+                                         "job spec: keys are turned off at deploy time (--no-auth), never by a spec.")
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _actor_options_ok(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        check_replica_actor_options(v, "serve.ray_actor_options")
+        return v
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_on(cls, v: bool) -> bool:
+        if v is not True:
+            raise ValueError("a job spec cannot turn API keys off (whoever promotes it would serve without keys "
+                             "unawares); remove serve.auth and deploy with --no-auth if you mean it")
+        return v
 
 
 class JobSpec(_Strict):
