@@ -144,14 +144,16 @@ class Rollback:
 
 @dataclass
 class NewKey:
-    """A created API key: ``key`` is shown once; ``record`` is what is stored (id, name, created_at, hash)."""
+    """A created API key: ``key`` is shown once; ``record`` is what is stored (id, name, created_at, hash);
+    ``saved_to`` is the local file it was also written to, if any."""
 
     key: str
     record: Dict[str, Any]
+    saved_to: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict (the key included)."""
-        return {"key": self.key, **{k: v for k, v in self.record.items() if k != "sha256"}}
+        return {"key": self.key, **{k: v for k, v in self.record.items() if k != "sha256"}, "saved_to": self.saved_to}
 
 
 @dataclass

@@ -275,17 +275,30 @@ class Client:
         Raises:
             NotFoundError: neither the cluster nor the default storage knows the job.
         """
+        where = self._cluster_knows(job_id)
+        if where is None:
+            return Storage.for_checkpoint_spec(self.spec_of(job_id).checkpoint)
+        st = self.storage()
+        if st.isdir(st.path(layout.job_dir(job_id))):
+            return st
+        raise NotFoundError(f"job {job_id!r} is neither {where} nor in {st.uri}; "
+                            "give its storage with --storage (see `zeroplane train list`)")
+
+    def _cluster_knows(self, job_id: str) -> Optional[str]:
+        """None when the cluster knows ``job_id``; else why not (no cluster, or not there), for messages.
+
+        Raises:
+            SpecError: a malformed address or profile.
+        """
         try:
             self.jobs.info(job_id)
+        except SpecError:
+            raise
         except NotFoundError:
-            st = self.storage()
-            if st.isdir(st.path(layout.job_dir(job_id))):
-                return st
-            raise NotFoundError(
-                f"job {job_id!r} is neither on {self.cluster.dashboard_url} nor in {st.uri}; "
-                "give its storage with --storage (see `zeroplane train list`)"
-            ) from None
-        return Storage.for_checkpoint_spec(self.spec_of(job_id).checkpoint)
+            return f"on {self.cluster.dashboard_url}"
+        except ZeroplaneError as e:  # no cluster (e.g. it was shut down): the storage may still have the job
+            return f"on a cluster ({e.message})"
+        return None
 
     def run_id_of(self, job_id: str) -> str:
         """The zeroplane job id (run folder) of a submission: itself, or the job a resume continues.
@@ -297,10 +310,7 @@ class Client:
 
     def run_id_or_self(self, job_id: str) -> str:
         """:meth:`run_id_of` for a job the cluster knows, else ``job_id`` itself (a job of an earlier cluster)."""
-        try:
-            return self.run_id_of(job_id)
-        except NotFoundError:
-            return job_id
+        return job_id if self._cluster_knows(job_id) is not None else self.run_id_of(job_id)
 
     def job_info(self, job_id: str) -> JobInfo:
         """The backend's view of one submission (status, message, times).
@@ -557,7 +567,7 @@ class Client:
         """
         from .serving import app_config
 
-        check_model_name(name)
+        check_name(name)
         st = self.storage(storage)
         reg = Registry(st)
         sc = self.serve_client()
@@ -591,8 +601,10 @@ class Client:
         """Remove the Serve application of model ``name``.
 
         Raises:
+            SpecError: a bad name.
             NotFoundError: no such application.
         """
+        check_name(name)
         self.serve_client().delete(name)
 
     def cluster_status(self) -> ClusterStatus:
@@ -608,17 +620,32 @@ class Client:
         Raises:
             SpecError: a bad name.
         """
-        reg = Registry(self.storage(storage))
         if name:
-            check_model_name(name)
+            check_name(name)
+        reg = Registry(self.storage(storage))
         return [ModelVersion(v) for m in ([name] if name else reg.models()) for v in reg.versions(m)]
 
-    def create_key(self, name: Optional[str] = None, storage: Optional[str] = None) -> NewKey:
-        """Create a serving API key; only its hash is stored."""
-        from .serve_keys import create_key
+    def create_key(self, name: Optional[str] = None, storage: Optional[str] = None, save: bool = False) -> NewKey:
+        """Create a serving API key; only its hash is stored. ``save``: also write it to
+        :func:`api_key_path` (mode 0600) for ``complete``.
 
-        key, rec = create_key(self.storage(storage).uri, name)
-        return NewKey(key=key, record=rec)
+        Raises:
+            ZeroplaneError: the key file cannot be written (checked before the key is created; if writing
+                still fails, the new key is revoked, so that no key lives that nobody holds).
+        """
+        from .serve_keys import create_key, revoke_key
+
+        if save:
+            _check_writable_file(api_key_path())
+        st = self.storage(storage)
+        key, rec = create_key(st.uri, name)
+        if not save:
+            return NewKey(key=key, record=rec)
+        try:
+            return NewKey(key=key, record=rec, saved_to=str(save_api_key(key)))
+        except OSError as e:
+            revoke_key(st.uri, rec["id"])
+            raise ZeroplaneError(f"cannot save the key to {api_key_path()}: {e.strerror or e}; it was revoked") from None
 
     def list_keys(self, storage: Optional[str] = None) -> List[ApiKeyInfo]:
         """Key ids, labels, creation times and revocation state (never the keys)."""
@@ -644,7 +671,7 @@ class Client:
             SpecError: a bad name.
             ZeroplaneError: no answer, or an error answer (with the server's reason).
         """
-        check_model_name(name)
+        check_name(name)
         return complete(self.serve_url(name), prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
                         api_key=api_key, timeout_s=timeout_s, model=name)
 
@@ -739,7 +766,7 @@ def estimate(spec: JobSpec) -> Dict[str, Any]:
     return _estimate(spec)
 
 
-def check_name(name: str, what: str = "--name") -> str:
+def check_name(name: str, what: str = "model name") -> str:
     """Validate a model name (see :func:`zeroplane.names.check_name`).
 
     Raises:
@@ -754,6 +781,7 @@ def parse_model_ref(ref: str):
     Raises:
         SpecError: a malformed reference.
     """
+    check_name(ref.partition(":")[0], "model name")
     return parse_ref(ref)
 
 
@@ -784,7 +812,11 @@ def api_key_path():
     """``<zeroplane home>/api_key``: where ``serve keys create --save`` keeps a key for ``complete``."""
     from .cluster import state_dir
 
-    return state_dir() / "api_key"
+    try:
+        return state_dir() / "api_key"
+    except OSError as e:
+        raise ZeroplaneError(f"zeroplane's folder cannot be used: {e.strerror or e} ({e.filename}); set "
+                             f"{names.ENV_HOME} to a folder of your own") from None
 
 
 def save_api_key(key: str):
@@ -797,9 +829,35 @@ def save_api_key(key: str):
 
 
 def saved_api_key() -> Optional[str]:
-    """The key saved by :func:`save_api_key`, or None."""
+    """The key saved by :func:`save_api_key`, or None.
+
+    Raises:
+        ZeroplaneError: the file exists but is not a readable text file.
+    """
     path = api_key_path()
-    return path.read_text().strip() if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ZeroplaneError(f"cannot read the saved API key {path}: {getattr(e, 'strerror', None) or e}; "
+                             "recreate it with `zeroplane serve keys create --save` or pass --api-key") from None
+
+
+def _check_writable_file(path) -> None:
+    """Refuse a destination that cannot become a regular file: a folder there, or a parent that is a file.
+
+    Raises:
+        ZeroplaneError: naming the path and the problem.
+    """
+    if path.is_dir():
+        raise ZeroplaneError(f"{path} is a folder; cannot save a key there (set ZEROPLANE_HOME to a folder of your own)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise ZeroplaneError(f"cannot save a key under {parent}: not a writable folder "
+                                     "(set ZEROPLANE_HOME to a folder of your own)")
+            return
 
 
 def render_rayjob(spec: JobSpec, job_id: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:

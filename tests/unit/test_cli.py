@@ -417,6 +417,7 @@ def test_a_profile_storage_is_the_default_storage(tmp_path, _isolated, monkeypat
     (_isolated / "config.yaml").write_text(
         f"profiles:\n  lab:\n    address: http://127.0.0.1:9\n    storage: {tmp_path / 'profile-st'}\n")
     monkeypatch.delenv("ZEROPLANE_STORAGE")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))  # ~/.zeroplane/storage: empty
     rows = json.loads(run("--profile", "lab", "models", "list", "-o", "json").stdout)
     assert [(r["name"], r["version"]) for r in rows] == [("tiny", "v1")]
     assert json.loads(run("models", "list", "-o", "json").stdout) == []  # no profile: ~/.zeroplane/storage

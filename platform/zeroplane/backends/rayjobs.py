@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from .. import layout, names
-from ..errors import NotFoundError, ZeroplaneError, first_line
+from ..errors import NotFoundError, SpecError, ZeroplaneError, first_line
 from ..spec import JobSpec
 from ..storage import Storage, storage_error
 from .base import TERMINAL, Backend, JobInfo, JobRequest, PreflightCheck
@@ -115,9 +115,16 @@ def check_upload_size(request: Dict[str, Any], limit_mb: Optional[float] = None)
 
     Raises:
         ZeroplaneError: the size, the limit and what to do.
+        SpecError: ``$ZEROPLANE_MAX_UPLOAD_MB`` is not a positive number.
     """
     if limit_mb is None:
-        limit_mb = float(os.environ.get(names.ENV_MAX_UPLOAD_MB) or DEFAULT_UPLOAD_LIMIT_MB)
+        raw = os.environ.get(names.ENV_MAX_UPLOAD_MB) or str(DEFAULT_UPLOAD_LIMIT_MB)
+        try:
+            limit_mb = float(raw)
+        except ValueError:
+            limit_mb = float("nan")
+        if not 0 < limit_mb < float("inf"):
+            raise SpecError(f"{names.ENV_MAX_UPLOAD_MB}={raw!r}: give a number of MiB above 0, e.g. 200")
     size = upload_size(request)
     if size > limit_mb * 2**20:
         mods = ", ".join(request["runtime_env"]["py_modules"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import CLUSTER_READ, OUTPUT
+from .options import CLUSTER_READ, Finite, OUTPUT
 from .output import console, emit_json, show, table
 
 
@@ -35,7 +35,7 @@ def cluster_up(config, num_cpus, dashboard_port, serve_port, output) -> None:
 
 @cluster.command("down")
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
-@click.option("--grace-s", type=float, default=10.0, show_default=True, help="Seconds between SIGTERM and SIGKILL.")
+@click.option("--grace-s", type=Finite(min=0), default=10.0, show_default=True, help="Seconds between SIGTERM and SIGKILL.")
 def cluster_down(config, grace_s) -> None:
     """Stop the local Ray head zeroplane started (and only that); with CONFIG, tear that cluster down
     with the Ray cluster launcher (`ray down -y CONFIG`)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import CLUSTER_READ
+from .options import CLUSTER_READ, Finite
 from .output import emit_json, err
 
 
@@ -12,7 +12,7 @@ from .output import emit_json, err
 @click.argument("name")
 @click.argument("prompt")
 @click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True, help="New tokens to generate.")
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--temperature", type=Finite(0, 2), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--api-key", envvar="ZEROPLANE_API_KEY", default=None,
               help="Bearer key (default: $ZEROPLANE_API_KEY, then ~/.zeroplane/api_key).")

@@ -46,7 +46,7 @@ class _Main(click.Group):
 
             if isinstance(e, sdk.ZeroplaneError):
                 raise CliError(e.message, e.exit_code) from None
-            if os.environ.get(sdk.names.ENV_DEBUG):  # a bug or an environment problem
+            if os.environ.get(sdk.names.ENV_DEBUG, "") not in ("", "0"):  # a bug or an environment problem
                 raise
             raise CliError(f"{type(e).__name__}: {sdk.first_line(e) if str(e) else ''} "
                            f"(set {sdk.names.ENV_DEBUG}=1 for the traceback)", 1) from None

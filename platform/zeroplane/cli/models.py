@@ -26,7 +26,12 @@ def promote(zp, ref, name, storage, dtype, no_deploy, canary, no_auth, dry_run, 
     when NAME is already served; as a canary taking PERCENT % of the traffic with --canary)."""
     from ..sdk import check_name
 
-    check_name(name)
+    check_name(name, "--name")
+    if no_deploy and (canary is not None or no_auth):
+        from .output import UsageError
+
+        raise UsageError(f"--no-deploy with {'--canary' if canary is not None else '--no-auth'}: nothing is deployed; "
+                         "drop one of them")
     overrides = pop_overrides(autoscaling, no_auth)
     if dry_run:
         return emit_json(zp.client.promote_plan(ref, name, storage=storage, deploy=not no_deploy, overrides=overrides))

@@ -3,11 +3,25 @@ groups of options (``AUTOSCALING``) that the command receives as one dict."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Optional
 
 import click
 
 from .context import pass_zp, set_address
+
+class Finite(click.FloatRange):
+    """A float option (optionally bounded, as :class:`click.FloatRange`) that refuses ``nan`` and ``inf``:
+    Click's float types accept both, and no duration, percent or temperature means either."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):  # noqa: D102  (Click's hook)
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
 
 OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
                       help="Output format.")
@@ -22,10 +36,10 @@ STORAGE = click.option("--storage", default=None,
 JOB_STORAGE = click.option("--storage", default=None,
                            help="Storage root (default: the job's checkpoint.storage_path).")
 WAIT = click.option("--wait", is_flag=True, help="Follow progress until the job ends; exit 0 on success, 1 otherwise.")
-TIMEOUT = click.option("--timeout-s", type=click.FloatRange(min=1), default=None,
+TIMEOUT = click.option("--timeout-s", type=Finite(min=1), default=None,
                        help="With --wait: give up (exit 1, the job keeps running) after this many seconds.")
 CANARY = click.option(
-    "--canary", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=None, metavar="PERCENT",
+    "--canary", type=Finite(0, 100, min_open=True, max_open=True), default=None, metavar="PERCENT",
     help="Deploy as a canary next to the running version, taking PERCENT % of the requests "
          "(end it with `serve deploy NAME:vN` or `serve rollback NAME`).")
 
@@ -59,9 +73,9 @@ PASS_CREDENTIALS = click.option(
 _AUTOSCALING_FLAGS = (
     ("min_replicas", int, "serve.autoscaling.min_replicas"),
     ("max_replicas", int, "serve.autoscaling.max_replicas"),
-    ("target_ongoing_requests", float, "serve.autoscaling.target_ongoing_requests"),
-    ("upscale_delay_s", float, "serve.autoscaling.upscale_delay_s (seconds)"),
-    ("downscale_delay_s", float, "serve.autoscaling.downscale_delay_s (seconds)"),
+    ("target_ongoing_requests", Finite(), "serve.autoscaling.target_ongoing_requests"),
+    ("upscale_delay_s", Finite(), "serve.autoscaling.upscale_delay_s (seconds)"),
+    ("downscale_delay_s", Finite(), "serve.autoscaling.downscale_delay_s (seconds)"),
 )
 
 

@@ -12,7 +12,7 @@ from typing import Any, Dict
 import click
 
 from .context import pass_zp
-from .options import NO_AUTH, SET, STORAGE
+from .options import Finite, NO_AUTH, SET, STORAGE
 
 IMAGE_HELP = ("Container image with zeroplane installed (default rayproject/ray:2.60.0-py311, -gpu for GPU "
               "workers; build one FROM it with `pip install torch zeroplane`).")
@@ -96,7 +96,7 @@ def rayservice(zp, ref, storage, image, min_replicas, max_replicas, no_auth, nam
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Worker pods.")
 @click.option("--max-workers", type=click.IntRange(0), default=None,
               help="Autoscale up to this many worker pods (default: --workers, no autoscaling).")
-@click.option("--worker-cpus", type=click.FloatRange(min=0, min_open=True), default=4, show_default=True,
+@click.option("--worker-cpus", type=Finite(min=0, min_open=True), default=4, show_default=True,
               help="CPUs per worker pod.")
 @click.option("--worker-gpus", type=click.IntRange(0), default=0, show_default=True,
               help="GPUs (nvidia.com/gpu) per worker pod.")

@@ -94,11 +94,9 @@ def keys() -> None:
 @pass_zp
 def keys_create(zp, key_name, storage, save) -> None:
     """Create a key; it is printed once and only its hash is stored."""
-    new = zp.client.create_key(key_name, storage=storage)
-    if save:
-        from ..sdk import save_api_key
-
-        err(f"saved to {save_api_key(new.key)}")
+    new = zp.client.create_key(key_name, storage=storage, save=save)
+    if new.saved_to:
+        err(f"saved to {new.saved_to}")
     click.echo(new.key)
     err(f"key id {new.record['id']} created; it will not be shown again")
 

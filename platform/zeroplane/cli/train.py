@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 import click
 
 from .context import pass_zp
-from .options import ADDRESS, CLUSTER_READ, OUTPUT, PASS_CREDENTIALS, SET, TIMEOUT, WAIT
+from .options import ADDRESS, CLUSTER_READ, Finite, OUTPUT, PASS_CREDENTIALS, SET, TIMEOUT, WAIT
 from .output import console, emit_json, err, fmt, show, table
 
 
@@ -195,7 +195,7 @@ def _print_jobs(jobs) -> None:
 
 @train.command("stop")
 @click.argument("job_id")
-@click.option("--wait-s", type=float, default=120.0, show_default=True,
+@click.option("--wait-s", type=Finite(min=0), default=120.0, show_default=True,
               help="How long to wait for the driver and every worker of the job to be gone.")
 @ADDRESS
 @pass_zp

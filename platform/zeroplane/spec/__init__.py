@@ -61,6 +61,8 @@ def _parse_scalar(text: str) -> Any:
         return _numbers_to_float(_yaml(text))
     except _AliasError as e:
         raise SpecError(f"--set {text!r}: {e}") from None
+    except RecursionError:
+        raise SpecError(f"--set value {text[:40]!r}…: nested too deeply to be a spec value") from None
     except yaml.YAMLError:
         return text
 
