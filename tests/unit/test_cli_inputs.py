@@ -96,3 +96,9 @@ def test_zeroplane_debug_0_means_off(tmp_path, monkeypatch):
     (tmp_path / "st" / "jobs" / "somejob").write_text("not a folder")
     r = run("checkpoints", "list", "somejob", "--storage", str(tmp_path / "st"))
     assert r.exit_code == 1 and r.output.startswith("Error: NotADirectoryError")
+
+
+def test_a_spec_without_storage_path_uses_the_storage_every_other_command_uses(tmp_path):
+    plan = json.loads(run("train", "submit", TINY, "--dry-run").stdout)
+    assert plan["spec"]["checkpoint"]["storage_path"] == str(tmp_path / "st")
+    assert plan["storage"] == f"{tmp_path / 'st'}/jobs/{plan['job_id']}"

@@ -224,8 +224,9 @@ class RayJobsBackend(Backend):
 
             from ray.job_submission import JobSubmissionClient
 
-            for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
-                logging.getLogger(name).setLevel(logging.WARNING)  # per-submit upload chatter
+            for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
+                         "ray.dashboard.modules.job.sdk"):
+                logging.getLogger(name).setLevel(logging.WARNING)  # upload and websocket chatter
             try:
                 self._client = JobSubmissionClient(self.dashboard_url)
             except Exception as e:

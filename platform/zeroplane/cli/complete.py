@@ -15,7 +15,8 @@ from .output import emit_json, err
 @click.option("--temperature", type=Finite(0, 2), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--api-key", envvar="ZEROPLANE_API_KEY", default=None,
-              help="Bearer key (default: $ZEROPLANE_API_KEY, then ~/.zeroplane/api_key).")
+              help="Bearer key (default: $ZEROPLANE_API_KEY, then the key saved by `serve keys create --save` in "
+                   "$ZEROPLANE_HOME/api_key, ~/.zeroplane/api_key by default).")
 @CLUSTER_READ
 def complete(zp, name, prompt, max_tokens, temperature, seed, api_key, output) -> None:
     """Ask the deployed model NAME to continue PROMPT (a request to its Serve endpoint)."""

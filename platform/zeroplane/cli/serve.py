@@ -90,7 +90,8 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--name", "key_name", default=None, help="A label for the key.")
 @STORAGE
-@click.option("--save", is_flag=True, help="Also save the key to ~/.zeroplane/api_key for `zeroplane complete`.")
+@click.option("--save", is_flag=True, help="Also save the key to $ZEROPLANE_HOME/api_key (~/.zeroplane/api_key by default) "
+                                                     "for `zeroplane complete`.")
 @pass_zp
 def keys_create(zp, key_name, storage, save) -> None:
     """Create a key; it is printed once and only its hash is stored."""

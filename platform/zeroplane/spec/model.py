@@ -8,13 +8,14 @@ Field names follow Ray (``num_workers``, ``storage_path``, ``max_failures``,
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Dict, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import SpecError
-from ..names import DEFAULT_STORAGE, NAME_RE, NAME_RULE
+from ..names import DEFAULT_STORAGE, ENV_STORAGE, NAME_RE, NAME_RULE
 
 #: Model-size presets for GPT-2-style configs (keys are transformers ``GPT2Config`` names).
 #: ``small`` is about 5.3 M parameters with an 8,192-token vocabulary at seq_len 256.
@@ -247,8 +248,10 @@ class CheckpointSpec(_Strict):
     """Where and how often checkpoints are persisted (Ray Train RunConfig/CheckpointConfig)."""
 
     storage_path: str = Field(
-        DEFAULT_STORAGE,
-        description="Local folder or s3://bucket/prefix holding checkpoints, the model registry and versions.",
+        default_factory=lambda: os.environ.get(ENV_STORAGE) or DEFAULT_STORAGE,
+        description="Local folder or s3://bucket/prefix holding checkpoints, the model registry and versions "
+        "(default: $ZEROPLANE_STORAGE where the spec is resolved, else ~/.zeroplane/storage — the storage every "
+        "other command defaults to).",
     )
     shared_filesystem: bool = Field(
         False,
