@@ -100,7 +100,11 @@ def inspect_checkpoint(storage: Storage, job_id: str, path: str) -> CheckpointIn
 
 
 def list_checkpoints(storage: Storage, job_id: str, include_incomplete: bool = False) -> List[CheckpointInfo]:
-    """Checkpoints of ``job_id``, oldest first; complete ones only unless ``include_incomplete``."""
+    """Checkpoints of ``job_id``, oldest first; complete ones only unless ``include_incomplete``.
+
+    Raises:
+        SpecError: ``job_id`` is no job id (:func:`zeroplane.layout.check_job_id`: e.g. ``..`` or a path).
+    """
     run_dir = storage.path(layout.job_dir(job_id))
     out = []
     for name in storage.listdir(run_dir):
@@ -113,6 +117,10 @@ def list_checkpoints(storage: Storage, job_id: str, include_incomplete: bool = F
 
 
 def latest_complete(storage: Storage, job_id: str) -> Optional[CheckpointInfo]:
-    """The newest complete checkpoint of ``job_id``, or None."""
+    """The newest complete checkpoint of ``job_id``, or None.
+
+    Raises:
+        SpecError: ``job_id`` is no job id (see :func:`list_checkpoints`).
+    """
     done = list_checkpoints(storage, job_id)
     return done[-1] if done else None

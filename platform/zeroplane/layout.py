@@ -9,7 +9,9 @@ Layout under a storage root (a local folder or ``s3://bucket/prefix``)::
       checkpoint_step_0000100/         one Ray checkpoint (see below)
     models/<name>/v<N>/                registered model versions (plain Hugging Face folders)
       zeroplane_version.json           registration marker, written last
+    models/<name>/.claims/v<N>         version N taken by one promotion (created if absent, before the upload)
     serve/api_keys.json                hashed serving API keys
+    serve/api_keys.json.lock           local storage only: the lock every key-file update holds
     cache/tokenizers/<sha256>.json     BPE tokenizers trained by earlier jobs, by corpus + settings
 
 One checkpoint folder ``checkpoint_step_0000100/``::
@@ -23,6 +25,8 @@ One checkpoint folder ``checkpoint_step_0000100/``::
     zeroplane_complete.json            the completion marker: written last, lists every file and its size
 
 Functions return paths relative to the root, joined with ``/``; ``Storage.path(rel)`` makes them absolute.
+Every name a user gives (a job id here, a model name in :mod:`zeroplane.registry`) is checked before it
+becomes part of a path, so that no name can leave its folder (``..``, ``/``, absolute paths).
 """
 
 from __future__ import annotations
@@ -55,11 +59,37 @@ CKPT_PROBE_IDS, CKPT_PROBE_LOGITS = "probe.json", "probe.safetensors"
 CKPT_PREFIX = "checkpoint_"
 _TAG_RE = re.compile(r"^step_(\d+)$")
 _VERSION_RE = re.compile(r"^v(\d+)$")
+#: Job ids are ``<name>-<yyyymmdd-hhmmss>-<4hex>`` (``-r<k>`` for the k-th resume); any letters, digits,
+#: '.', '_' and '-' are accepted (Ray submission ids too), never '..' (no '/' at all), so that a job id is
+#: always one folder name under ``jobs/``.
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+JOB_ID_RULE = ("a job id is one folder name: letters, digits, '.', '_' and '-' (e.g. "
+               "<name>-<yyyymmdd-hhmmss>-<4hex>[-r<k>]), never '/' or '..'")
+
+
+def check_job_id(job_id: str, what: str = "job id") -> str:
+    """Validate a job id (:data:`JOB_ID_RULE`) before it becomes a folder name; returns it.
+
+    Args:
+        job_id: the id as the user gave it.
+        what: how the user gave it, for the message.
+
+    Raises:
+        SpecError: ``<what> '<value>': <the rule>`` for an empty id, one with characters outside
+            ``[A-Za-z0-9._-]`` (a '/' included), or one containing '..'.
+    """
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id) or ".." in job_id or not job_id.strip("."):
+        raise SpecError(f"{what} {job_id!r}: {JOB_ID_RULE}")
+    return job_id
 
 
 def job_dir(job_id: str) -> str:
-    """``jobs/<job_id>``: a job's run folder."""
-    return f"{JOBS_DIR}/{job_id}"
+    """``jobs/<job_id>``: a job's run folder.
+
+    Raises:
+        SpecError: ``job_id`` breaks :data:`JOB_ID_RULE` (see :func:`check_job_id`).
+    """
+    return f"{JOBS_DIR}/{check_job_id(job_id)}"
 
 
 def result_file(job_id: str) -> str:
@@ -98,6 +128,16 @@ def model_dir(name: str) -> str:
 def version_dir(name: str, version: str) -> str:
     """``models/<name>/<version>`` (version ``vN``)."""
     return f"{model_dir(name)}/{version}"
+
+
+def claims_dir(name: str) -> str:
+    """``models/<name>/.claims``: one file per version number taken."""
+    return f"{model_dir(name)}/.claims"
+
+
+def version_claim(name: str, version: str) -> str:
+    """``models/<name>/.claims/<version>``: created if absent by the one promotion that takes ``version``."""
+    return f"{claims_dir(name)}/{version}"
 
 
 def version_number(version: str) -> Optional[int]:
@@ -146,10 +186,12 @@ def parse_checkpoint_ref(ref: str) -> CheckpointRef:
     """Parse ``JOB``, ``JOB@STEP`` or a checkpoint folder path (anything with a ``/``).
 
     Raises:
-        SpecError: an empty reference, a step that is not a whole number >= 0, or a path that is not
-            ``<storage>/jobs/<job>/checkpoint_step_NNNNNNN``.
+        SpecError: an empty reference, a step that is not a whole number >= 0, a path that is not
+            ``<storage>/jobs/<job>/checkpoint_step_NNNNNNN``, a job id that breaks :data:`JOB_ID_RULE`,
+            or an ``s3://`` path with a '.' or '..' segment.
     """
     ref = (ref or "").strip()
+    what = f"checkpoint reference {ref!r}: job id"
     if not ref:
         raise SpecError("checkpoint reference '': give a job id, JOB@STEP or a checkpoint folder path")
     if "/" in ref:
@@ -160,12 +202,14 @@ def parse_checkpoint_ref(ref: str) -> CheckpointRef:
         root = parts[0] or "/"
         if root == "s3:/" or root == "s3:":
             raise SpecError(f"{ref!r} names no bucket; use s3://bucket/prefix/{JOBS_DIR}/<job>/<checkpoint>")
-        return CheckpointRef(parts[2], step_of(parts[3]), root)
+        if root.startswith("s3://") and {".", ".."} & set(root[len("s3://"):].split("/")):
+            raise SpecError(f"{ref!r}: '.' and '..' are not allowed in an s3:// path")
+        return CheckpointRef(check_job_id(parts[2], what), step_of(parts[3]), root)
     job_id, at, step = ref.partition("@")
     if not job_id:
         raise SpecError(f"checkpoint reference {ref!r} has no job id; use JOB or JOB@STEP")
     if at:
         if not step.isdigit():
             raise SpecError(f"checkpoint reference {ref!r}: the step after '@' must be a whole number, e.g. {job_id}@100")
-        return CheckpointRef(job_id, int(step))
-    return CheckpointRef(job_id)
+        return CheckpointRef(check_job_id(job_id, what), int(step))
+    return CheckpointRef(check_job_id(job_id, what))

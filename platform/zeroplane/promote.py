@@ -6,8 +6,10 @@ are imported inside the functions that need them, so importing this module stays
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, Callable, Dict, Optional, Union
 
 from . import layout
 from .checkpoints import CheckpointInfo, inspect_checkpoint, latest_complete, list_checkpoints
-from .errors import NotFoundError, SpecError, ZeroplaneError
+from .errors import NotFoundError, SpecError, ZeroplaneError, first_line
 from .layout import CheckpointRef
 from .registry import Registry
 from .storage import Storage
@@ -24,6 +26,17 @@ from .storage import Storage
 #: dtype. fp32: consolidation copies the fp32 master weights bit for bit, so differences are only
 #: summation-order noise (~1e-6); bf16/fp16 casts of the weights move logits by ~1e-2 of their scale.
 PROBE_ATOL = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
+
+#: The only classes besides tensors and plain containers that DeepSpeed (0.16-0.19) pickles into its
+#: checkpoint files, found by saving real ZeRO 0-3 checkpoints (fp32, bf16, CPU offload; fp16 on GPUs
+#: adds the dynamic loss scaler) and listing them with ``torch.serialization.get_unsafe_globals_in_checkpoint``.
+#: Plain data holders: rebuilding them runs no code of the file's choosing.
+DEEPSPEED_CHECKPOINT_CLASSES = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 
 def resolve_checkpoint(storage: Storage, ref: Union[str, CheckpointRef]) -> CheckpointInfo:
@@ -37,7 +50,7 @@ def resolve_checkpoint(storage: Storage, ref: Union[str, CheckpointRef]) -> Chec
         ref: the reference as the user wrote it, or already parsed.
 
     Raises:
-        SpecError: a malformed reference (see :func:`zeroplane.layout.parse_checkpoint_ref`).
+        SpecError: a malformed reference or job id (see :func:`zeroplane.layout.parse_checkpoint_ref`).
         NotFoundError: nothing complete matches (the message says what was found instead).
     """
     parsed = ref if isinstance(ref, CheckpointRef) else layout.parse_checkpoint_ref(ref)
@@ -76,7 +89,9 @@ def consolidate(local_ckpt: Path, out_dir: Path, dtype: str = "float32") -> Dict
         ``{"zero_stage", "tag", "parameters", "missing_tied_keys"}``.
 
     Raises:
-        ZeroplaneError: keys that neither match nor are tied, or unknown ``dtype``.
+        SpecError: unknown ``dtype``.
+        ZeroplaneError: a shard holds pickled objects other than tensors (see :func:`load_zero_state`), or
+            keys that neither match nor are tied.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -84,14 +99,7 @@ def consolidate(local_ckpt: Path, out_dir: Path, dtype: str = "float32") -> Dict
     meta = json.loads((local_ckpt / layout.CKPT_META).read_text())
     if dtype not in PROBE_ATOL:
         raise SpecError(f"--dtype {dtype!r}: use one of {', '.join(PROBE_ATOL)}")
-    if meta["zero_stage"] == 0:
-        states = torch.load(local_ckpt / layout.CKPT_DEEPSPEED_DIR / meta["tag"] / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
-        state = {k: v.float() for k, v in states["module"].items()}
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(local_ckpt / layout.CKPT_DEEPSPEED_DIR), tag=meta["tag"])
+    state = load_zero_state(local_ckpt / layout.CKPT_DEEPSPEED_DIR, meta["tag"], meta["zero_stage"])
     config = AutoConfig.from_pretrained(local_ckpt / layout.CKPT_HF_DIR)
     model = AutoModelForCausalLM.from_config(config)
     result = model.load_state_dict(state, strict=False)
@@ -110,6 +118,90 @@ def consolidate(local_ckpt: Path, out_dir: Path, dtype: str = "float32") -> Dict
     return {"zero_stage": meta["zero_stage"], "tag": meta["tag"],
             "parameters": sum(p.numel() for p in set(model.parameters())),
             "missing_tied_keys": sorted(set(result.missing_keys) & tied)}
+
+
+def load_zero_state(ds_dir: Path, tag: str, zero_stage: int) -> Dict[str, Any]:
+    """The full model state of a local DeepSpeed checkpoint folder, unpickling nothing but tensors.
+
+    Stage 0: the module state of ``<ds_dir>/<tag>/mp_rank_00_model_states.pt``; stages 1-3: DeepSpeed's
+    ``get_fp32_state_dict_from_zero_checkpoint`` (rebuilds full fp32 tensors from every rank's flat
+    partitions and restores shared parameters). Every ``torch.load`` on the way, DeepSpeed's included,
+    runs with ``weights_only=True`` (:func:`_weights_only_loads`): a checkpoint comes from storage that
+    other people and machines write, and a pickle can run any code in this process.
+
+    Args:
+        ds_dir: the checkpoint's ``ds/`` folder (holding ``<tag>/``).
+        tag: the DeepSpeed tag, e.g. ``step_0000100``.
+        zero_stage: 0-3, from the checkpoint's ``meta.json``.
+
+    Returns:
+        ``{parameter name: fp32 tensor on the CPU}``.
+
+    Raises:
+        ZeroplaneError: a file holds pickled objects other than tensors, plain containers and
+            :data:`DEEPSPEED_CHECKPOINT_CLASSES` (nothing of it was run).
+    """
+    import torch
+
+    with _weights_only_loads(ds_dir / tag):
+        if zero_stage == 0:
+            states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+            return {k: v.float() for k, v in states["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+
+
+@contextlib.contextmanager
+def _weights_only_loads(folder: Path):
+    """Make every ``torch.load`` in the body unpickle with ``weights_only=True``, allowing
+    :data:`DEEPSPEED_CHECKPOINT_CLASSES`; an object of any other class ends the body with a ZeroplaneError
+    naming ``folder``'s offending files.
+
+    DeepSpeed's consolidation calls ``torch.load(..., weights_only=False)`` itself, and the only switch
+    torch obeys over an explicit False is ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` (read on every call), so the
+    body runs with it set (and ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` unset: both set is an error); both
+    are restored afterwards. The variable is process-wide while the body runs: promotion runs in the
+    operator's CLI/SDK process, where no other loads are expected meanwhile.
+    """
+    import importlib
+
+    import torch
+
+    allowed = []
+    for dotted in DEEPSPEED_CHECKPOINT_CLASSES:
+        module, _, name = dotted.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):  # absent from this DeepSpeed: not in its files
+            allowed.append(getattr(importlib.import_module(module), name))
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except pickle.UnpicklingError as e:
+        # torch's text goes on with advice to allow-list the class: only its first sentence is kept
+        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), first_line(e))
+        raise ZeroplaneError(f"refusing to load checkpoint {folder.name}: {_unsafe_files(folder, allowed) or 'a file'} "
+                             f"holds pickled objects that are not tensors ({reason.split('. ')[0]}); zeroplane never "
+                             "writes such files, so the checkpoint was changed by someone else") from None
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+
+
+def _unsafe_files(folder: Path, allowed: list) -> str:
+    """``name.pt (global, …)`` for each file of ``folder`` whose pickle names a class not allowed; a
+    static scan of the pickle opcodes, nothing is run."""
+    import torch
+
+    found = []
+    for f in sorted(folder.glob("*.pt")):
+        with torch.serialization.safe_globals(allowed), contextlib.suppress(Exception):
+            if bad := torch.serialization.get_unsafe_globals_in_checkpoint(str(f)):
+                found.append(f"{f.name} ({', '.join(bad)})")
+    return "; ".join(found)
 
 
 def _tied_keys(model) -> list[str]:

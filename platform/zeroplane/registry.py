@@ -2,11 +2,18 @@
 
 A version is a plain Hugging Face folder plus ``zeroplane_version.json`` (written last). A folder
 without that file is an unfinished registration and is ignored (and never reused: numbering skips it).
-No ray/torch imports.
+
+Promotions of one model may run at once (two operators, two CI jobs). Each takes its version number
+by creating ``models/<name>/.claims/v<N>`` if absent (:meth:`zeroplane.storage.Storage.create_exclusive`:
+``O_EXCL`` locally, a conditional PUT on S3) before it uploads anything, so no two promotions ever
+write the same folder, and a failed one removes only the version it claimed. No ray/torch imports.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -14,7 +21,7 @@ from typing import Any, Dict, List, Optional
 from . import layout
 from .errors import NotFoundError, SpecError, ZeroplaneError
 from .layout import VERSION_MARKER
-from .names import check_name
+from .names import NAME_RE, check_name
 from .storage import Storage
 
 __all__ = ["VERSION_MARKER", "Registry", "check_model_name", "parse_ref"]
@@ -49,19 +56,34 @@ class Registry:
         self.storage = storage
 
     def model_dir(self, name: str) -> str:
-        """fs path of a model's folder."""
-        return self.storage.path(layout.model_dir(name))
+        """fs path of a model's folder.
+
+        Raises:
+            SpecError: ``name`` is not a model name (:func:`check_model_name`), e.g. ``..``.
+        """
+        return self.storage.path(layout.model_dir(check_model_name(name)))
 
     def version_dir(self, name: str, version: str) -> str:
-        """fs path of one version's folder."""
-        return self.storage.path(layout.version_dir(name, version))
+        """fs path of one version's folder.
+
+        Raises:
+            SpecError: ``name`` is not a model name, or ``version`` is not ``vN``.
+        """
+        if not isinstance(version, str) or layout.version_number(version) is None:
+            raise SpecError(f"model version {version!r}: the version must look like v1, v2, …")
+        return self.storage.path(layout.version_dir(check_model_name(name), version))
 
     def models(self) -> List[str]:
-        """Names of models with at least one complete version."""
-        return [m for m in self.storage.listdir(self.storage.path(layout.MODELS_DIR)) if self.versions(m)]
+        """Names of models with at least one complete version (folders that are no model name are skipped)."""
+        return [m for m in self.storage.listdir(self.storage.path(layout.MODELS_DIR))
+                if NAME_RE.fullmatch(m) and self.versions(m)]
 
     def versions(self, name: str) -> List[Dict[str, Any]]:
-        """Complete versions of ``name``, oldest first: the contents of each version's marker."""
+        """Complete versions of ``name``, oldest first: the contents of each version's marker.
+
+        Raises:
+            SpecError: ``name`` is not a model name.
+        """
         out = []
         for v in self.storage.listdir(self.model_dir(name)):
             if layout.version_number(v) is None:
@@ -77,6 +99,7 @@ class Registry:
         """One complete version (the newest when ``version`` is None).
 
         Raises:
+            SpecError: ``name`` is not a model name.
             NotFoundError: no such model or version.
         """
         vs = self.versions(name)
@@ -90,9 +113,33 @@ class Registry:
         raise NotFoundError(f"model {name}:{version} not found; versions: {', '.join(r['version'] for r in vs)}")
 
     def next_version(self, name: str) -> str:
-        """The next free version label (skips folders of unfinished registrations too)."""
-        used = [n for v in self.storage.listdir(self.model_dir(name)) if (n := layout.version_number(v)) is not None]
-        return f"v{max(used, default=0) + 1}"
+        """The next free version label: above every version folder (unfinished ones too) and every claim.
+
+        A promotion running at the same time may still take it first; :meth:`register` claims its number.
+
+        Raises:
+            SpecError: ``name`` is not a model name.
+        """
+        return f"v{self._next_number(name)}"
+
+    def _next_number(self, name: str) -> int:
+        claims = self.storage.path(layout.claims_dir(check_model_name(name)))
+        used = [n for v in self.storage.listdir(self.model_dir(name)) + self.storage.listdir(claims)
+                if (n := layout.version_number(v)) is not None]
+        return max(used, default=0) + 1
+
+    def _claim(self, name: str) -> str:
+        """Take the lowest free version number of ``name`` for this process; returns ``vN``.
+
+        Creating ``.claims/vN`` if absent is the one atomic step: of promotions that race for N,
+        exactly one creates it and the others move on to N+1.
+        """
+        n = self._next_number(name)
+        doc = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                          "claimed_at": datetime.now(timezone.utc).isoformat()}).encode()
+        while not self.storage.create_exclusive(self.storage.path(layout.version_claim(name, f"v{n}")), doc):
+            n += 1
+        return f"v{n}"
 
     def register(self, name: str, local_dir: str | Path, record: Dict[str, Any]) -> Dict[str, Any]:
         """Upload a verified Hugging Face folder as the next version, marker last.
@@ -106,10 +153,12 @@ class Registry:
             The marker contents plus ``uri``.
 
         Raises:
-            ZeroplaneError: the upload failed (the partial folder is removed again).
+            SpecError: ``name`` is not a model name (nothing is written).
+            ZeroplaneError: the upload failed (the partial folder and the claim of its number are removed
+                again; nothing else is touched).
         """
         check_model_name(name)
-        version = self.next_version(name)
+        version = self._claim(name)
         dest = self.version_dir(name, version)
         try:
             self.storage.upload_dir(local_dir, dest)
@@ -118,7 +167,10 @@ class Registry:
                    "registered_at": datetime.now(timezone.utc).isoformat()}
             self.storage.write_json(f"{dest}/{VERSION_MARKER}", rec)
         except Exception as e:
+            # dest is ours alone (the claim keeps every other promotion out), so removing it removes
+            # nothing anyone else wrote; the claim goes last, once the folder is gone, to free the number
             self.storage.delete_dir(dest)
+            self.storage.delete_file(self.storage.path(layout.version_claim(name, version)))
             raise ZeroplaneError(f"registering {name}:{version} in {self.storage.uri} failed: {e}") from e
         rec["uri"] = self.storage.uri_of(dest)
         return rec

@@ -15,9 +15,10 @@ Only the SHA-256 hex digest of a key is stored; the plaintext ``zp-…`` key is 
 used to revoke the key without revealing it. Serve replicas read the file through :func:`load_records`
 and check a presented bearer key with :func:`verify_key`.
 
-Writes go through :meth:`zeroplane.storage.Storage.write_json` (atomic: readers see the old or the new
-file, never a part). Two writers racing on the same file (two ``create_key`` calls at the same instant)
-can lose one update; key management is an operator action, so that is accepted.
+Creates and revokes go through :meth:`zeroplane.storage.Storage.update_json`: readers see the old or
+the new file, never a part, and two writers at the same instant (a revoke racing a create, from two
+operators or two machines) never lose one another's update (a file lock next to the key file locally, a
+conditional write on S3). Each update reads the file back and checks its change is there.
 
 This module imports neither ray nor torch.
 """
@@ -28,7 +29,7 @@ import hashlib
 import hmac
 import secrets
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from .errors import NotFoundError, ZeroplaneError
 from .layout import KEYS_FILE  # path of the key file relative to the storage root (re-exported)
@@ -60,18 +61,37 @@ def _open(storage_uri: Union[str, Storage]) -> Storage:
 
 def _read_file(storage: Storage) -> dict:
     path = storage.path(KEYS_FILE)
-    empty = {"version": _FILE_VERSION, "keys": []}
-    if not storage.exists(path):
-        return empty
     try:
-        data = storage.read_json(path)
+        data = storage.read_json(path) if storage.exists(path) else None
     except FileNotFoundError:  # deleted between the two calls
-        return empty
+        data = None
+    return _checked(storage, data)
+
+
+def _checked(storage: Storage, data: Any) -> dict:
+    """The key file's content, or an empty one for None (no file yet).
+
+    Raises:
+        ZeroplaneError: not a JSON object with a ``keys`` list.
+    """
+    if data is None:
+        return {"version": _FILE_VERSION, "keys": []}
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise ZeroplaneError(
-            f"API key file {storage.uri_of(path)} is malformed: expected a JSON object with a 'keys' list"
+            f"API key file {storage.uri_of(storage.path(KEYS_FILE))} is malformed: expected a JSON object with a 'keys' list"
         )
     return data
+
+
+def _update(storage: Storage, change: Callable[[dict], Optional[dict]]) -> dict:
+    """Apply ``change`` to the key file as one update that no concurrent create or revoke can undo
+    (:meth:`~zeroplane.storage.Storage.update_json`); returns the file as read back afterwards."""
+    return _checked(storage, storage.update_json(storage.path(KEYS_FILE), lambda d: change(_checked(storage, d))))
+
+
+def _read_back_error(storage: Storage, what: str) -> ZeroplaneError:
+    return ZeroplaneError(f"{what} was written to {storage.uri_of(storage.path(KEYS_FILE))} but is not there when "
+                          "read back; another tool may have rewritten the file: check `zeroplane serve keys list`")
 
 
 def _public(record: Mapping[str, Any]) -> dict:
@@ -110,28 +130,33 @@ def create_key(storage_uri: str, name: Optional[str] = None) -> tuple[str, dict]
         ``created_at`` (ISO 8601, UTC) and ``revoked`` (``False``).
 
     Raises:
-        ZeroplaneError: the existing key file is malformed, or the storage root is unsupported.
+        ZeroplaneError: the existing key file is malformed, the storage root is unsupported, or the new
+            record is missing when the file is read back.
         OSError: the storage could not be read or written.
     """
     storage = _open(storage_uri)
-    data = _read_file(storage)
-    taken = {r.get("id") for r in data["keys"]}
-    while True:  # an 8-hex-char id collides with odds ~n/4e9; draw again if it does
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
-        digest = hash_key(key)
-        if digest[:KEY_ID_LENGTH] not in taken:
-            break
-    record = {
-        "id": digest[:KEY_ID_LENGTH],
-        "name": name,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "revoked": False,
-        _HASH_FIELD: digest,
-    }
-    data["keys"].append(record)
-    data["version"] = _FILE_VERSION
-    storage.write_json(storage.path(KEYS_FILE), data)
-    return key, _public(record)
+    made: dict = {}
+
+    def add(data: dict) -> dict:  # may run again on S3 when another writer came first: draws anew then
+        taken = {r.get("id") for r in data["keys"]}
+        while True:  # an 8-hex-char id collides with odds ~n/4e9; draw again if it does
+            key = KEY_PREFIX + secrets.token_urlsafe(32)
+            digest = hash_key(key)
+            if digest[:KEY_ID_LENGTH] not in taken:
+                break
+        made.update(key=key, record={
+            "id": digest[:KEY_ID_LENGTH],
+            "name": name,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "revoked": False,
+            _HASH_FIELD: digest,
+        })
+        return {**data, "version": _FILE_VERSION, "keys": [*data["keys"], made["record"]]}
+
+    stored = _update(storage, add)
+    if made["record"] not in stored["keys"]:
+        raise _read_back_error(storage, f"API key {made['record']['id']}")
+    return made["key"], _public(made["record"])
 
 
 def list_keys(storage_uri: str) -> list[dict]:
@@ -164,19 +189,25 @@ def revoke_key(storage_uri: str, key_id: str) -> dict:
 
     Raises:
         NotFoundError: no key has this id.
-        ZeroplaneError: the key file is malformed, or the storage root is unsupported.
+        ZeroplaneError: the key file is malformed, the storage root is unsupported, or the key is not
+            revoked when the file is read back.
     """
     storage = _open(storage_uri)
-    data = _read_file(storage)
-    for record in data["keys"]:
-        if record.get("id") == key_id:
-            if not record.get("revoked"):
-                record["revoked"] = True
-                record["revoked_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                storage.write_json(storage.path(KEYS_FILE), data)
+
+    def revoke(data: dict) -> Optional[dict]:
+        for record in data["keys"]:
+            if record.get("id") == key_id:
+                if record.get("revoked"):
+                    return None  # nothing to write
+                record.update(revoked=True, revoked_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                return data
+        known = ", ".join(str(r.get("id")) for r in data["keys"]) or "none"
+        raise NotFoundError(f"API key id {key_id!r} not found under {storage.uri}; known ids: {known}")
+
+    for record in _update(storage, revoke)["keys"]:
+        if record.get("id") == key_id and record.get("revoked"):
             return _public(record)
-    known = ", ".join(str(r.get("id")) for r in data["keys"]) or "none"
-    raise NotFoundError(f"API key id {key_id!r} not found under {storage.uri}; known ids: {known}")
+    raise _read_back_error(storage, f"the revocation of API key {key_id}")
 
 
 def verify_key(

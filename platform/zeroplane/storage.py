@@ -3,20 +3,42 @@
 Ray Train persists checkpoints through ``pyarrow.fs``; zeroplane reads and writes the same storage
 through the same filesystem objects, so a local path and an S3 prefix behave alike. The S3 endpoint
 comes from ``AWS_ENDPOINT_URL`` (S3-compatible servers) and credentials from the standard AWS chain.
+The two writes that race other writers (:meth:`Storage.create_exclusive`, :meth:`Storage.update_json`)
+use ``O_EXCL`` and a file lock locally, and boto3's conditional PUTs on S3 (pyarrow has none).
+Every path under a root goes through :meth:`Storage.path`, which refuses one outside the root; every
+URL printed goes through :func:`mask_url`.
 
 The folder and file names under a storage root are :mod:`zeroplane.layout`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
+from urllib.parse import urlsplit
 
 from .errors import ZeroplaneError
+
+#: ``scheme://userinfo@`` in any text: what :func:`mask_url` blanks.
+_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+#: How often a conditional S3 write is tried again after another writer changed the object first.
+_S3_CONDITIONAL_TRIES = 20
+
+
+def mask_url(url: Optional[str]) -> Optional[str]:
+    """``url`` with its userinfo (``user:password@``) replaced by ``***@``; other URLs and None unchanged.
+
+    E.g. ``http://key:secret@minio:9000`` -> ``http://***@minio:9000``. Use it on every URL that is
+    printed: an endpoint may carry credentials.
+    """
+    return url if not url else _USERINFO_RE.sub(r"\g<scheme>***@", url)
 
 
 def s3_endpoint(endpoint_url: Optional[str] = None) -> Optional[str]:
@@ -105,6 +127,10 @@ class Storage:
     root: str
     endpoint_url: Optional[str] = None
 
+    def __repr__(self) -> str:
+        # the endpoint may carry user:password@; a repr ends up in logs and tracebacks
+        return f"Storage(uri={self.uri!r}, root={self.root!r}, endpoint_url={mask_url(self.endpoint_url)!r})"
+
     @classmethod
     def from_uri(cls, uri: str, endpoint_url: Optional[str] = None) -> "Storage":
         """Open a storage root.
@@ -115,7 +141,8 @@ class Storage:
                 ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL``, else AWS. Ignored for local folders.
 
         Raises:
-            ZeroplaneError: an unsupported scheme (only local paths and s3:// are supported).
+            ZeroplaneError: an unsupported scheme (only local paths and s3:// are supported), or an
+                ``s3://`` root without a bucket or with a ``.``/``..`` segment.
         """
         import pyarrow.fs as pafs
 
@@ -123,6 +150,9 @@ class Storage:
             root = uri[len("s3://"):].strip("/")
             if not root:
                 raise ZeroplaneError(f"storage_path {uri!r} names no bucket; use s3://bucket/prefix")
+            if {".", ".."} & set(root.split("/")):
+                # keys are literal on S3: 'b/../x' would not mean 'x', and would defeat the check in path()
+                raise ZeroplaneError(f"storage_path {uri!r}: '.' and '..' are not allowed in an s3:// path")
             return cls(uri="s3://" + root, fs=_s3_filesystem(endpoint_url), root=root,
                        endpoint_url=s3_endpoint(endpoint_url))
         if "://" in uri and not uri.startswith("file://"):
@@ -148,8 +178,20 @@ class Storage:
         return not self.uri.startswith("s3://")
 
     def path(self, *parts: str) -> str:
-        """A path inside ``fs`` under the root."""
-        return posixpath.join(self.root, *parts) if parts else self.root
+        """A path inside ``fs`` under the root: the root joined with ``parts`` by ``/``.
+
+        Raises:
+            ZeroplaneError: the result is not the root or below it (an absolute part, or ``..`` that
+                climbs out); callers validate user-given names first, this is the last line of defence.
+        """
+        if not parts:
+            return self.root
+        joined = posixpath.join(self.root, *parts)
+        norm = posixpath.normpath(joined)
+        if norm != self.root and not norm.startswith(self.root.rstrip("/") + "/"):
+            raise ZeroplaneError(f"path {'/'.join(parts)!r} is outside the storage root {self.uri}; "
+                                 "names under a storage root may not be absolute or contain '..'")
+        return joined
 
     def uri_of(self, path: str) -> str:
         """The user-facing URI of an ``fs`` path (``s3://…`` or the local path)."""
@@ -216,7 +258,120 @@ class Storage:
 
     def write_json(self, path: str, obj: Any) -> None:
         """Write ``obj`` as indented JSON, atomically."""
-        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+        self.write_bytes(path, _json_bytes(obj))
+
+    # -------------------------------------------------------------- writes that race other writers
+    def _s3_client(self):
+        """A boto3 S3 client for this root's endpoint: pyarrow's filesystem cannot make conditional
+        writes, boto3 can (PutObject ``If-None-Match`` / ``If-Match``)."""
+        import boto3
+
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=region)
+
+    def _s3_key(self, path: str) -> tuple[str, str]:
+        bucket, _, key = path.partition("/")
+        return bucket, key
+
+    def _s3_put_if(self, client, path: str, data: bytes, etag: Optional[str]) -> int:
+        """PUT ``data`` only if the object is absent (``etag`` None) or still has ``etag``.
+
+        Returns:
+            200 when written; 412 when the condition failed (the object exists, or changed); 409 when
+            another conditional write of the key was in flight (S3 asks to try again).
+        """
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._s3_key(path)
+        cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, **cond)
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (409, 412):
+                return status
+            raise
+        return 200
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create the file ``path`` holding ``data`` unless something is there already.
+
+        Atomic against every other ``create_exclusive`` of the same path, in any process or machine
+        sharing the storage: exactly one of them returns True. Local: ``open(O_CREAT | O_EXCL)``
+        (parent folders are created); S3: ``PutObject`` with ``If-None-Match: *``.
+
+        Returns:
+            True when this call created the file, False when it existed.
+
+        Raises:
+            OSError, botocore.exceptions.ClientError: the storage could not be written.
+        """
+        if self.is_local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        client = self._s3_client()
+        for _ in range(_S3_CONDITIONAL_TRIES):
+            status = self._s3_put_if(client, path, data, None)
+            if status != 409:
+                return status == 200
+            time.sleep(0.05)  # 409: another create of this key is in flight; ask again once it settled
+        raise ZeroplaneError(f"{self.uri_of(path)}: S3 reported a conflicting write {_S3_CONDITIONAL_TRIES} "
+                             "times in a row; try again")
+
+    def update_json(self, path: str, change: Callable[[Any], Any]) -> Any:
+        """Read-modify-write the JSON file ``path`` without losing a concurrent writer's update.
+
+        ``change`` gets the parsed document (None when the file does not exist) and returns the new
+        document, or None to leave the file as it is; it may be called more than once (S3 retries), so
+        it must not have effects other than computing the result. Local: the whole update holds an
+        exclusive ``fcntl.flock`` on ``<path>.lock`` (created next to the file, never deleted, so that
+        every writer locks the same file), and the write is atomic (rename). S3: the object is read with
+        its ETag and written with ``If-Match`` (``If-None-Match: *`` when absent); when another writer
+        got there first (412) the update starts again from a fresh read.
+
+        Returns:
+            The document as read back after the write (or as found, when ``change`` returned None).
+
+        Raises:
+            ZeroplaneError: the S3 object kept changing under every one of 20 attempts.
+            Whatever ``change`` raises (nothing is written then); OSError or a boto3 error from the storage.
+        """
+        if self.is_local:
+            with _locked(path + ".lock"):
+                new = change(self.read_json(path) if self.exists(path) else None)
+                if new is not None:
+                    self.write_json(path, new)
+                return self.read_json(path) if self.exists(path) else None
+        from botocore.exceptions import ClientError
+
+        client = self._s3_client()
+        bucket, key = self._s3_key(path)
+        for _ in range(_S3_CONDITIONAL_TRIES):
+            try:
+                obj = client.get_object(Bucket=bucket, Key=key)
+                doc, etag = json.loads(obj["Body"].read()), obj["ETag"]
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                    raise
+                doc, etag = None, None
+            new = change(doc)
+            if new is None:
+                return doc
+            status = self._s3_put_if(client, path, _json_bytes(new), etag)
+            if status == 200:
+                return self.read_json(path)
+            if status == 409:
+                time.sleep(0.05)  # another conditional write of this key is in flight; read again once it settled
+        raise ZeroplaneError(f"{self.uri_of(path)} was changed by other writers during each of "
+                             f"{_S3_CONDITIONAL_TRIES} attempts to update it; try again")
 
     def download_dir(self, path: str, local_dir: str | os.PathLike) -> Path:
         """Copy the folder ``path`` to ``local_dir`` (created); returns the local path."""
@@ -240,24 +395,54 @@ class Storage:
                     os.makedirs(posixpath.dirname(dest), exist_ok=True)
                 pafs.copy_files(str(f), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
+    def delete_file(self, path: str) -> None:
+        """Delete one file (missing is fine)."""
+        if self.exists(path):
+            self.fs.delete_file(path)
+
     def delete_dir(self, path: str) -> None:
         """Delete a folder and everything in it (missing is fine)."""
         if self.exists(path):
             self.fs.delete_dir(path)
 
 
+def _json_bytes(obj: Any) -> bytes:
+    """``obj`` as indented, key-sorted JSON with a final newline (the one format of every JSON file)."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+@contextlib.contextmanager
+def _locked(lock_path: str) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``lock_path`` (created if missing) for the ``with`` body.
+
+    The lock is released when the file is closed, also when the process dies, so a crash never leaves
+    it held.
+    """
+    import fcntl
+
+    os.makedirs(posixpath.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+
+
 def storage_error(storage: Storage, what: str, e: BaseException) -> str:
     """One line: ``storage <uri> (bucket B at endpoint E) <what>: <first line of e>``.
 
-    Secret values from the environment are blanked in case a library echoes them back; the text is cut
-    at 300 characters.
+    Secret values from the environment are blanked in case a library echoes them back, and so is the
+    userinfo (``user:password@``) of the endpoint and of any URL in the text (:func:`mask_url`); the
+    text is cut at 300 characters.
     """
-    text = " ".join(str(e).split()) or type(e).__name__
-    for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
-        if len(os.environ.get(k) or "") >= 8:  # shorter values would blank ordinary letters
-            text = text.replace(os.environ[k], "***")
+    text = mask_url(" ".join(str(e).split()) or type(e).__name__)
+    blank = [v for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+             if len(v := os.environ.get(k) or "") >= 8]  # shorter values would blank ordinary letters
+    userinfo = urlsplit(storage.endpoint_url or "").netloc.rpartition("@")[0]  # a library may echo it bare
+    password = userinfo.partition(":")[2]
+    blank += [userinfo] + ([password] if len(password) >= 4 else [])
+    for secret in filter(None, blank):
+        text = text.replace(secret, "***")
     if len(text) > 300:
         text = text[:300] + "…"
     where = "" if storage.is_local else (
-        f" (bucket {storage.bucket!r} at endpoint {storage.endpoint_url or 'AWS default'})")
+        f" (bucket {storage.bucket!r} at endpoint {mask_url(storage.endpoint_url) or 'AWS default'})")
     return f"storage {storage.uri}{where} {what}: {text}"

@@ -151,7 +151,7 @@ def test_no_credential_of_the_submitter_reaches_the_cluster(head, monkeypatch):
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.setenv(var, f"{sentinel}-{var}")
     spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml", [f"checkpoint.storage_path={storage}", "train.max_steps=2",
-                                                       "checkpoint.every_n_steps=2"])
+                                                       "train.warmup_steps=1", "checkpoint.every_n_steps=2"])
     job = zp.submit(spec).job_id
     assert zp.wait(job, timeout_s=300) == "SUCCEEDED", zp.jobs.logs(job)[-3000:]
 

@@ -5,14 +5,18 @@ One module-scoped Ray + Serve instance; every test talks to it through the Serve
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
+
+from zeroplane.runtime.serve.app import MAX_BODY_BYTES, MAX_STOP_CHARS
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +28,8 @@ CORPUS = [
     "ray serve answers requests in batches on every replica.",
     "deepspeed zero shards optimizer states across data parallel workers.",
 ] * 25
+#: key_max_stale_s of the guard app: its cached keys are trusted this long (seconds) while the store is unreadable.
+GUARD_MAX_STALE_S = 1.0
 
 
 def _free_port() -> int:
@@ -206,6 +212,7 @@ def test_auth_rejects_missing_wrong_and_malformed_keys(server):
         ({"json": {"prompt": "hi", "temperature": -1}}, 400, ["temperature"]),
         ({"json": {"prompt": "hi", "top_p": 0}}, 400, ["top_p"]),
         ({"json": {"prompt": "hi", "stop": ""}}, 400, ["stop"]),
+        ({"json": {"prompt": "hi", "stop": ["ok", "x" * (MAX_STOP_CHARS + 1)]}}, 400, ["stop", str(MAX_STOP_CHARS)]),
         ({"json": {"prompt": "hi", "stream": "yes"}}, 400, ["stream"]),
         ({"json": {"prompt": "hi", "stream": True, "n": 2}}, 400, ["'n'", "stream"]),
         ({"json": {"prompt": "hi", "n": 5}}, 400, ["'n'", "4"]),
@@ -218,7 +225,7 @@ def test_auth_rejects_missing_wrong_and_malformed_keys(server):
         "empty-body", "not-json", "not-an-object", "prompt-missing", "prompt-empty", "prompt-int",
         "prompt-two", "max-tokens-over-cap", "max-tokens-string", "max-tokens-zero", "lone-surrogate",
         "huge-integer", "deep-nesting", "temperature-negative",
-        "top-p-zero", "stop-empty", "stream-string", "stream-n-2", "n-5", "stream-options-without-stream",
+        "top-p-zero", "stop-empty", "stop-too-long", "stream-string", "stream-n-2", "n-5", "stream-options-without-stream",
         "unknown-field", "prompt-too-long", "unknown-model",
     ],
 )
@@ -470,3 +477,140 @@ def test_metrics_count_requests_per_version(server):
             - _metric(before, "zeroplane_generated_tokens_total", model="tiny", version="v1")) == 3 * n
     assert _metric(after, "zeroplane_request_latency_seconds_count", model="tiny", version="v1") >= n
     assert server.client.get("/metrics").status_code == 401
+
+
+# ----------------------------------------------------------------------------------------- security limits
+
+
+def _poll(send, done, what: str, deadline_s: float = 60.0) -> httpx.Response:
+    """Call ``send()`` until ``done(response)``; fail after ``deadline_s`` (a hang guard, not a speed bound)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        resp = send()
+        if done(resp):
+            return resp
+        assert time.monotonic() < end, f"{what}: still {resp.status_code} {resp.text[:200]}"
+        time.sleep(0.2)
+
+
+def _assert_server_error(resp: httpx.Response, status: int, code: str, *needles: str) -> None:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == "server_error" and err["code"] == code, err
+    for needle in needles:
+        assert needle in err["message"], err["message"]
+
+
+@pytest.fixture(scope="module")
+def guard(server, tiny_model, tmp_path_factory):
+    """A second app at /guard with its own key store and small bounds: keys re-read every 0.2 s and
+    trusted for GUARD_MAX_STALE_S while the store is unreadable, generation bounded by 1 ms (so every
+    generation times out: the batcher alone waits 50 ms)."""
+    from ray import serve
+
+    from zeroplane import serve_keys
+    from zeroplane.layout import KEYS_FILE
+    from zeroplane.runtime.serve.app import build_app
+
+    storage = str(tmp_path_factory.mktemp("guard-storage"))
+    key, _ = serve_keys.create_key(storage, name="guard")
+    args = {
+        "model_name": "tiny", "version": "v1", "model_uri": tiny_model.path, "storage_path": storage,
+        "max_tokens_cap": MAX_TOKENS_CAP, "batch_wait_timeout_s": 0.05, "key_cache_ttl_s": 0.2,
+        "key_max_stale_s": GUARD_MAX_STALE_S, "request_timeout_s": 0.001,
+    }
+    serve.run(build_app(args), name="guard", route_prefix="/guard")
+    base_url = server.base_url.rsplit("/", 1)[0] + "/guard"
+    try:
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            yield SimpleNamespace(client=client, key=key, keys_file=Path(storage) / KEYS_FILE)
+    finally:
+        serve.delete("guard")
+
+
+def _release_fifo(path: Path) -> None:
+    """Wake a reader blocked opening the FIFO ``path`` (it then reads EOF); nothing when none waits."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("outage", ["unreadable", "hanging"])
+def test_key_store_outage_answers_503_once_the_cached_keys_are_too_old(guard, outage):
+    """Revocation must not stop working in an outage: past key_max_stale_s the replica answers 503
+    instead of trusting its cached keys; a read that hangs holds no request (each gets an answer)."""
+    def models() -> httpx.Response:
+        return guard.client.get("/v1/models", headers=_auth(guard.key))
+
+    assert models().status_code == 200  # the replica caches the keys
+    saved = guard.keys_file.read_bytes()
+    guard.keys_file.unlink()
+    if outage == "unreadable":
+        guard.keys_file.mkdir()  # exists but cannot be read: an outage, not "no keys"
+    else:
+        os.mkfifo(guard.keys_file)  # opening it for reading blocks until a writer comes
+    try:
+        resp = _poll(models, lambda r: r.status_code != 200, "requests during the key store outage")
+        _assert_server_error(resp, 503, "key_store_unavailable", "key_max_stale_s")
+        assert guard.client.get("/healthz").status_code == 200
+    finally:
+        if outage == "unreadable":
+            guard.keys_file.rmdir()
+        else:
+            _release_fifo(guard.keys_file)
+            guard.keys_file.unlink()
+        guard.keys_file.write_bytes(saved)
+    _poll(models, lambda r: r.status_code == 200, "requests after the key store is back")
+
+
+def _chunked_post_without_end(server, path: str, total: int, chunk: int = 64 * 1024) -> tuple[int, dict]:
+    """POST ``total`` bytes with ``Transfer-Encoding: chunked`` over a raw socket, never sending the
+    terminating chunk, then read the answer: ``(status, JSON body)``. A server that waits for the whole
+    body before checking its size never answers (the 60 s socket timeout fails the test)."""
+    import json
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.base_url)
+    head = (
+        f"POST {url.path}{path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {server.key}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(head)
+        sent = 0
+        while sent < total:
+            data = b"{" if sent == 0 else b" " * min(chunk, total - sent)
+            sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+            sent += len(data)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += sock.recv(65536) or pytest.fail(f"connection closed before an answer: {raw!r}")
+        header, _, body = raw.partition(b"\r\n\r\n")
+        lines = header.decode("latin-1").split("\r\n")
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(fields["content-length"])
+        while len(body) < length:
+            body += sock.recv(65536) or pytest.fail("connection closed mid-answer")
+    return int(lines[0].split()[1]), json.loads(body[:length])
+
+
+def test_chunked_body_over_the_limit_gets_413_while_streaming(server):
+    status, body = _chunked_post_without_end(server, "/v1/completions", MAX_BODY_BYTES + 64 * 1024)
+    assert status == 413, body
+    assert body["error"]["type"] == "invalid_request_error"
+    assert str(MAX_BODY_BYTES) in body["error"]["message"]
+    assert _complete(server, {"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
+def test_generation_past_the_request_timeout_ends_with_an_error(guard):
+    body = {"prompt": "hello", "max_tokens": MAX_TOKENS_CAP, "temperature": 0}
+    resp = guard.client.post("/v1/completions", headers=_auth(guard.key), json=body)
+    _assert_server_error(resp, 504, "request_timeout", "request_timeout_s")
+    with guard.client.stream("POST", "/v1/completions", headers=_auth(guard.key),
+                             json={**body, "stream": True}) as resp:
+        assert resp.status_code == 200
+        events = _sse_events(resp)
+    assert events[-1] != "[DONE]", "a timed-out stream must not end as if complete"
+    assert events[-1]["error"]["code"] == "request_timeout", events[-1]
+    assert guard.client.get("/healthz").status_code == 200

@@ -27,11 +27,16 @@ same version), else at random. A request whose ``model`` names a version (``<nam
 Auth: with ``auth`` on (the default) every route but ``/healthz`` needs ``Authorization: Bearer <key>``
 for a non-revoked key of ``<storage_path>/serve/api_keys.json`` (see :mod:`zeroplane.serve_keys`). The
 key is checked before the body is read or any model work is done. Each replica caches the key file and
-re-reads it at most every ``key_cache_ttl_s`` (5 s), so a new or revoked key takes effect within that.
+re-reads it at most every ``key_cache_ttl_s`` (5 s), so a new or revoked key takes effect within that. A
+request waits at most ``KEY_READ_TIMEOUT_S`` (5 s) for a read; while the file cannot be read the cached keys
+are trusted for at most ``key_max_stale_s`` (``KEY_MAX_STALE_S``, 60 s), then every keyed route answers 503
+``key_store_unavailable`` until the file can be read again (see :class:`_KeyCache`).
 
 Errors: every client mistake gets a 4xx with the OpenAI error shape
 ``{"error": {"message", "type": "invalid_request_error", "param", "code"}}`` whose message names the
-field and the limit; 401 bad/missing key, 404 unknown model, 413 oversized body, 400 anything else.
+field and the limit; 401 bad/missing key, 404 unknown model, 413 oversized body (counted while it is read,
+so a chunked body is cut off at ``MAX_BODY_BYTES``), 400 anything else. Server side: 503 when the key store
+cannot be read (above), 504 ``request_timeout`` when a request runs past ``request_timeout_s``.
 One exception handler makes that answer: any :class:`zeroplane.errors.ZeroplaneError` raised while
 handling a request (a request mistake is an :class:`APIError`, one of them) becomes the error shape with
 the exception's ``http_status`` (``type`` ``server_error`` for a 5xx).
@@ -43,7 +48,10 @@ requests run one by one with their own seed (random when not given; choice ``i``
 ``seed + i``) so that a seeded request gives the same text whatever else is in the batch. All model work
 runs in worker threads under one lock, so the replica's event loop keeps answering ``/healthz``
 meanwhile; the tokenizer is only used on the event loop thread (Hugging Face fast tokenizers are not
-safe under concurrent use).
+safe under concurrent use). Each request has ``request_timeout_s`` (``REQUEST_TIMEOUT_S``, 300 s) from its
+arrival: past that its generation stops (a job not started is dropped, a running row stops after the token
+in flight) and it is answered 504; a stream, whose 200 is already sent, ends with an error event
+``data: {"error": {...}}`` and no ``[DONE]``.
 
 Deployment options (``num_replicas``/``autoscaling_config``, ``ray_actor_options``) come from the Serve
 config; the code only names the deployments and raises ``max_ongoing_requests`` so that a replica can
@@ -67,18 +75,18 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zeroplane import serve_keys
-from zeroplane.errors import ZeroplaneError
+from zeroplane.errors import ZeroplaneError, first_line
 from zeroplane.layout import KEYS_FILE
 from zeroplane import names
 from zeroplane.names import CANARY_DEPLOYMENT, DEPLOYMENT
@@ -95,6 +103,22 @@ DEFAULT_MAX_TOKENS = 16
 GREEDY_TEMPERATURE_EPS = 1e-5
 #: At most this many stop strings per request.
 MAX_STOP_STRINGS = 4
+#: Longest stop string, in characters (400 above it). Every streamed token searches the text for each stop
+#: string and checks which of its prefixes the text ends with (work growing with the square of its length),
+#: so an unbounded stop string would let one request buy a lot of replica CPU.
+MAX_STOP_CHARS = 256
+#: Default ``key_max_stale_s``: seconds a replica keeps trusting its cached API keys while the key store
+#: cannot be read. A cache kept forever would let a revoked key work for the whole of a storage outage; past
+#: this bound the replica answers 503 instead.
+KEY_MAX_STALE_S = 60.0
+#: Most seconds a request waits for a key store read (a hanging read must not hold every request).
+KEY_READ_TIMEOUT_S = 5.0
+#: Seconds after a failed key store read before the next attempt (an outage is not hammered per request).
+KEY_RETRY_S = 1.0
+#: Default ``request_timeout_s``: seconds from a request's arrival after which its generation is stopped
+#: and it is answered 504 (a stream ends with an error event). Without a bound one long request, or a
+#: queue behind it, holds the replica's model and the client's connection indefinitely.
+REQUEST_TIMEOUT_S = 300.0
 #: Most choices (``n``) one non-streaming request may ask for.
 MAX_N = 4
 #: Stop strings added with the default chat template: the model starting the next turn.
@@ -165,6 +189,15 @@ class ServeAppArgs(BaseModel):
     key_cache_ttl_s: float = Field(
         5.0, ge=0, description="Seconds a replica keeps the API key file before re-reading it."
     )
+    key_max_stale_s: float = Field(
+        KEY_MAX_STALE_S, gt=0, allow_inf_nan=False,
+        description="Seconds a replica keeps trusting its cached API keys while the key file cannot be read; "
+                    "then it answers 503.",
+    )
+    request_timeout_s: float = Field(
+        REQUEST_TIMEOUT_S, gt=0, allow_inf_nan=False,
+        description="Seconds from a request's arrival after which its generation stops and it gets a 504.",
+    )
     canary: Optional[CanaryArgs] = Field(
         None, description="A second version taking weight_percent % of the traffic (deployment ModelServerCanary)."
     )
@@ -202,6 +235,10 @@ def _parse_args(args: Any) -> ServeAppArgs:
 # --------------------------------------------------------------------------------------------------
 
 
+#: One stop string: 1..MAX_STOP_CHARS characters.
+_StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class _SamplingRequest(BaseModel):
     """The fields completions and chat completions share (see :class:`CompletionRequest`)."""
 
@@ -212,7 +249,7 @@ class _SamplingRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     seed: Optional[int] = Field(None, ge=0, le=_MAX_SEED)
-    stop: Optional[Union[str, list[str]]] = None
+    stop: Optional[Union[_StopString, Annotated[list[_StopString], Field(max_length=MAX_STOP_STRINGS)]]] = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None
@@ -229,7 +266,8 @@ class CompletionRequest(_SamplingRequest):
         temperature: 0..2; 0 is greedy decoding; default 1.0.
         top_p: nucleus sampling mass, 0 < top_p <= 1; default 1.0.
         seed: 0..2**63-1; makes sampling reproducible on a given replica/model.
-        stop: a string or up to 4 non-empty strings; the text is cut before the first one found.
+        stop: a string or up to 4 strings, each 1..256 characters (``MAX_STOP_CHARS``); the text is cut
+            before the first one found.
         n: choices to generate, 1..4 (1 when streaming); default 1.
         stream: server-sent events instead of one JSON answer; default false.
         stream_options: ``{"include_usage": bool}`` (streaming only).
@@ -290,7 +328,8 @@ def _field_hints(cap: Optional[int]) -> dict[str, str]:
         "temperature": "a number from 0 to 2 (0 = greedy)",
         "top_p": "a number greater than 0 and at most 1",
         "seed": f"an integer from 0 to {_MAX_SEED}",
-        "stop": f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
+        "stop": f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings, "
+                f"each at most {MAX_STOP_CHARS} characters",
         "n": f"an integer from 1 to {MAX_N} (1 when stream is true)",
         "stream": "true or false",
         "stream_options": "an object {'include_usage': true|false}, only with stream: true",
@@ -341,6 +380,19 @@ def _error_body(exc: ZeroplaneError) -> dict:
 def _error_response(exc: ZeroplaneError) -> JSONResponse:
     """``exc`` as an HTTP response: status ``exc.http_status``, body :func:`_error_body`."""
     return JSONResponse(status_code=exc.http_status, content=_error_body(exc), headers=getattr(exc, "headers", None))
+
+
+def _body_too_large(size: str) -> APIError:
+    """The 413 for a request body of ``size`` bytes (``"2000000"``, ``"over 1048576"``)."""
+    return APIError(413, f"request body is {size} bytes; the limit is {MAX_BODY_BYTES} bytes")
+
+
+def _request_timeout(limit_s: float) -> APIError:
+    """The 504 for a request that ran past ``request_timeout_s`` (``limit_s`` seconds)."""
+    return APIError(
+        504, f"the request was stopped after this deployment's limit of {limit_s:g} s (request_timeout_s); "
+             "ask for fewer tokens or retry later", code="request_timeout",
+    )
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -432,17 +484,34 @@ async def _server_error_handler(request: Request, exc: Exception) -> JSONRespons
 
 @dataclass
 class _Job:
-    """One request's generation work: prompt token ids (1-D), NEW tokens wanted, sampling settings."""
+    """One request's generation work: prompt token ids (1-D), NEW tokens wanted, sampling settings, and the
+    ``time.monotonic()`` deadline after which its generation stops (``request_timeout_s``)."""
 
     prompt_ids: list[int]
     max_tokens: int
     temperature: float
     top_p: float
     seed: Optional[int]
+    deadline: float
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+class _PastDeadline:
+    """A ``generate`` stopping criterion: row ``i`` is done once ``time.monotonic()`` reaches ``deadlines[i]``
+    (so a timed-out request stops using the model after the token in flight)."""
+
+    def __init__(self, deadlines: list[float]) -> None:
+        self._deadlines = torch.tensor(deadlines, dtype=torch.float64)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return (self._deadlines <= time.monotonic()).to(input_ids.device)
 
 
 def _context_length(config: Any) -> Optional[int]:
@@ -467,10 +536,11 @@ class _Prepared:
     n: int
     stream: bool
     include_usage: bool
+    deadline: float  # time.monotonic() when the request runs out of request_timeout_s
 
     def job(self, choice: int) -> _Job:
         seed = None if self.seed is None else (self.seed + choice) % (_MAX_SEED + 1)
-        return _Job(self.prompt_ids, self.max_tokens, self.temperature, self.top_p, seed)
+        return _Job(self.prompt_ids, self.max_tokens, self.temperature, self.top_p, seed, self.deadline)
 
 
 def default_chat_prompt(messages: list[dict]) -> str:
@@ -607,6 +677,74 @@ class _StreamState:
         self.finish = "length"
 
 
+class _KeyCache:
+    """A replica's copy of the API key records of a storage root (``<root>/serve/api_keys.json``).
+
+    The records are re-read at most every ``ttl_s`` seconds, so a new or revoked key takes effect within
+    that. One read runs at a time, in a worker thread; requests arriving meanwhile wait for that same read,
+    each for at most ``read_timeout_s``. When a read fails or does not answer in time, the cached records
+    are still used while they are younger than ``max_stale_s`` (a storage hiccup costs nothing); past
+    that, or with nothing cached, :meth:`records` raises a 503 — a revoked key must not keep working
+    through a long outage. After a failure the next read starts no sooner than ``KEY_RETRY_S`` (1 s) later.
+
+    Args:
+        storage: the storage root holding the key file.
+        ttl_s: seconds between re-reads (``key_cache_ttl_s``, default 5).
+        max_stale_s: seconds the cached records are trusted while the store cannot be read
+            (``key_max_stale_s``, default ``KEY_MAX_STALE_S`` = 60).
+        read_timeout_s: most seconds a request waits for a read; default ``KEY_READ_TIMEOUT_S`` (5).
+    """
+
+    def __init__(self, storage: Storage, ttl_s: float, max_stale_s: float,
+                 read_timeout_s: float = KEY_READ_TIMEOUT_S) -> None:
+        self._storage = storage
+        self._ttl_s = ttl_s
+        self._max_stale_s = max_stale_s
+        self._read_timeout_s = read_timeout_s
+        self._records: list[dict] = []
+        self._loaded_at = float("-inf")  # time.monotonic() of the last successful read
+        self._retry_at = float("-inf")  # no read starts before this (after a failure)
+        self._read: Optional[asyncio.Future] = None  # the read in flight, shared by the requests waiting
+
+    async def records(self) -> list[dict]:
+        """The key records to check a bearer key against (re-read first when due; see the class).
+
+        Raises:
+            APIError: 503 ``key_store_unavailable`` — the store cannot be read and the cached records are
+                older than ``max_stale_s`` (or none were ever read).
+        """
+        now = time.monotonic()
+        if now >= self._retry_at and now - self._loaded_at >= min(self._ttl_s, self._max_stale_s):
+            if self._read is None or self._read.done():
+                self._read = asyncio.ensure_future(self._load())
+            try:  # shield: a waiter giving up (or going away) must not cancel the shared read
+                await asyncio.wait_for(asyncio.shield(self._read), self._read_timeout_s)
+            except asyncio.TimeoutError:
+                self._failed(f"no answer within {self._read_timeout_s:g} s")
+        if time.monotonic() - self._loaded_at < self._max_stale_s:
+            return self._records
+        stale = "" if self._loaded_at == float("-inf") else (
+            f" and this replica's copy of the keys is older than key_max_stale_s ({self._max_stale_s:g} s)"
+        )
+        raise APIError(503, f"the API key store cannot be read right now{stale}, so no key can be checked; "
+                            "retry shortly", code="key_store_unavailable")
+
+    async def _load(self) -> None:
+        try:
+            records = await asyncio.to_thread(serve_keys.load_records, self._storage)
+        except Exception as e:  # noqa: BLE001 - storage errors of any kind
+            self._failed(f"{type(e).__name__}: {first_line(e)}")
+            return
+        self._records, self._loaded_at = records, time.monotonic()
+
+    def _failed(self, reason: str) -> None:
+        self._retry_at = time.monotonic() + KEY_RETRY_S
+        logger.warning(
+            "reading API keys from %s failed (%s); cached keys are %.1f s old, trusted up to key_max_stale_s=%g s",
+            self._storage.uri, reason, time.monotonic() - self._loaded_at, self._max_stale_s,
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # The deployment
 # --------------------------------------------------------------------------------------------------
@@ -660,10 +798,11 @@ class _ModelCore:
         )
         self._context = _context_length(self._model.config)
 
-        self._keys_storage = Storage.from_uri(self._args.storage_path) if self._args.auth else None
-        self._keys_records: Optional[list[dict]] = None
-        self._keys_loaded_at = float("-inf")
-        self._keys_lock: Optional[asyncio.Lock] = None
+        self._keys = (
+            _KeyCache(Storage.from_uri(self._args.storage_path), self._args.key_cache_ttl_s,
+                      self._args.key_max_stale_s)
+            if self._args.auth else None
+        )
         self._metrics = _Metrics(self._name, self._args.version)
 
         self._generate_batch.set_max_batch_size(self._args.max_batch_size)
@@ -695,27 +834,6 @@ class _ModelCore:
 
     # ---------------------------------------------------------------------------------- auth
 
-    async def _key_records(self) -> list[dict]:
-        if self._keys_lock is None:
-            self._keys_lock = asyncio.Lock()
-        async with self._keys_lock:
-            now = time.monotonic()
-            if self._keys_records is not None and now - self._keys_loaded_at < self._args.key_cache_ttl_s:
-                return self._keys_records
-            try:
-                self._keys_records = await asyncio.to_thread(serve_keys.load_records, self._keys_storage)
-                self._keys_loaded_at = time.monotonic()
-            except Exception as e:  # noqa: BLE001 - storage errors of any kind
-                if self._keys_records is None:
-                    logger.error("cannot read API keys from %s: %s", self._keys_storage.uri, e)
-                    raise APIError(
-                        503, "the API key store cannot be read right now; retry shortly",
-                        type_="server_error", code="key_store_unavailable",
-                    ) from None
-                logger.warning("re-reading API keys failed (%s); keeping the cached keys for 1 s more", e)
-                self._keys_loaded_at = now - self._args.key_cache_ttl_s + 1.0
-            return self._keys_records
-
     async def _authorize(self, request: Request) -> None:
         """Raise a 401 :class:`APIError` unless the request carries a valid, non-revoked bearer key."""
         if not self._args.auth:
@@ -734,7 +852,7 @@ class _ModelCore:
                 401, "malformed Authorization header: expected 'Bearer <key>'",
                 code="invalid_api_key", headers=challenge,
             )
-        if not serve_keys.verify_key(await self._key_records(), token):
+        if not serve_keys.verify_key(await self._keys.records(), token):
             raise APIError(401, "invalid or revoked API key", code="invalid_api_key", headers=challenge)
 
     # ---------------------------------------------------------------------------------- handle entry points
@@ -813,8 +931,16 @@ class _ModelCore:
     async def _answer(self, kind: str, body: Any, started: float) -> dict:
         """The JSON answer of a non-streaming request (metrics recorded). Raises :class:`APIError`."""
         try:
-            p = self._prepare(kind, body)
-            outs = await asyncio.gather(*(self._generate_batch(p.job(i)) for i in range(p.n)))
+            p = self._prepare(kind, body, started)
+            try:  # on timeout the batcher drops the cancelled jobs; a job already generating stops itself
+                outs = await asyncio.wait_for(
+                    asyncio.gather(*(self._generate_batch(p.job(i)) for i in range(p.n))),
+                    p.deadline - time.monotonic(),
+                )
+            except asyncio.TimeoutError:
+                outs = [None]
+            if None in outs:
+                raise _request_timeout(self._args.request_timeout_s)
         except ZeroplaneError as e:
             self._metrics.observe(kind, e.http_status, time.monotonic() - started)
             raise
@@ -844,7 +970,7 @@ class _ModelCore:
     async def _stream(self, kind: str, body: Any, started: float) -> AsyncIterator[Union[dict, str]]:
         """``{"status": 200}`` then the SSE chunks of a streamed answer; or ``{"status": 4xx, "error"}``."""
         try:
-            p = self._prepare(kind, body)
+            p = self._prepare(kind, body, started)
         except ZeroplaneError as e:
             self._metrics.observe(kind, e.http_status, time.monotonic() - started)
             yield {"status": e.http_status, **_error_body(e)}
@@ -880,6 +1006,9 @@ class _ModelCore:
                 yield _sse({**head, "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
             status = 200
+        except ZeroplaneError as e:  # past request_timeout_s: the 200 is sent, so an error event ends the stream
+            status = e.http_status
+            yield _sse(_error_body(e))
         finally:
             self._metrics.observe(kind, status, time.monotonic() - started, state.n_tokens)
 
@@ -888,10 +1017,14 @@ class _ModelCore:
     async def _read_json(self, request: Request) -> Any:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body is {length} bytes; the limit is {MAX_BODY_BYTES} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES} bytes")
+            raise _body_too_large(length)
+        # Count while reading and stop past the limit: a chunked body has no Content-Length to check first,
+        # and reading it whole would let one request make the replica buffer any amount of data.
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise _body_too_large(f"over {MAX_BODY_BYTES}")
         if not raw.strip():
             raise APIError(400, "request body is empty; send a JSON object (see the OpenAI API for the fields)")
         try:
@@ -949,18 +1082,15 @@ class _ModelCore:
                 raise APIError(
                     400, f"'{field}' is {value}, over this deployment's limit of {cap} (max_tokens_cap)", param=field
                 )
-        if req.stop is not None:
-            stops = [req.stop] if isinstance(req.stop, str) else req.stop
-            if len(stops) > MAX_STOP_STRINGS or not all(stops):
-                raise APIError(400, f"'stop' must be {hints['stop']}; got {_short(req.stop)}", param="stop")
         if req.stream and req.n != 1:
             raise APIError(400, f"'n' must be 1 when 'stream' is true; got {req.n}", param="n")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
         return req
 
-    def _prepare(self, kind: str, body: Any) -> _Prepared:
-        """Validate ``body`` and tokenize its prompt. Raises :class:`APIError` (4xx) for any mistake."""
+    def _prepare(self, kind: str, body: Any, started: float) -> _Prepared:
+        """Validate ``body`` and tokenize its prompt; ``started`` is the request's ``time.monotonic()`` arrival
+        (its deadline is ``request_timeout_s`` later). Raises :class:`APIError` (4xx) for any mistake."""
         req = self._validate(body, kind)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if isinstance(req, ChatCompletionRequest):
@@ -996,18 +1126,19 @@ class _ModelCore:
             )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _Prepared(kind, prompt_ids, max_tokens, stops, req.temperature, req.top_p, req.seed, req.n,
-                         req.stream, include_usage)
+                         req.stream, include_usage, started + self._args.request_timeout_s)
 
     # ---------------------------------------------------------------------------------- generation
 
     @serve.batch(max_batch_size=_SERVE_DEFAULTS.max_batch_size,
                  batch_wait_timeout_s=_SERVE_DEFAULTS.batch_wait_timeout_s)
-    async def _generate_batch(self, jobs: list[_Job]) -> list[list[int]]:
-        """Generate for a batch of requests; returns each request's new token ids (may end with eos)."""
+    async def _generate_batch(self, jobs: list[_Job]) -> list[Optional[list[int]]]:
+        """Generate for a batch of requests; returns each request's new token ids (may end with eos), or
+        None for a request that reached its deadline first."""
         return await asyncio.to_thread(self._run_jobs, jobs)
 
-    def _run_jobs(self, jobs: list[_Job]) -> list[list[int]]:
-        results: list[Optional[list[int]]] = [None] * len(jobs)
+    def _run_jobs(self, jobs: list[_Job]) -> list[Optional[list[int]]]:
+        results: list[Optional[list[int]]] = [None] * len(jobs)  # None: past the deadline (skipped or stopped)
         groups = self._greedy_groups(jobs)
         logger.debug(
             "generating a batch of %d requests: greedy groups %s, %d sampled",
@@ -1015,17 +1146,19 @@ class _ModelCore:
         )
         with self._gen_lock, torch.inference_mode():
             for group in groups:
-                outs = self._generate([jobs[i].prompt_ids for i in group], max(jobs[i].max_tokens for i in group))
+                group = [i for i in group if not jobs[i].expired]
+                if not group:
+                    continue
+                outs = self._generate([jobs[i] for i in group], max(jobs[i].max_tokens for i in group))
                 for i, out in zip(group, outs):
-                    results[i] = out[: jobs[i].max_tokens]
+                    results[i] = None if jobs[i].expired else out[: jobs[i].max_tokens]
             for i, job in enumerate(jobs):
-                if not job.greedy:
+                if not job.greedy and not job.expired:
                     seed = job.seed if job.seed is not None else secrets.randbits(63)
                     torch.manual_seed(seed)  # global RNG: safe, generation is serialized by _gen_lock
-                    results[i] = self._generate(
-                        [job.prompt_ids], job.max_tokens, temperature=job.temperature, top_p=job.top_p
-                    )[0]
-        return results  # type: ignore[return-value]
+                    out = self._generate([job], job.max_tokens, temperature=job.temperature, top_p=job.top_p)[0]
+                    results[i] = None if job.expired else out
+        return results
 
     def _greedy_groups(self, jobs: list[_Job]) -> list[list[int]]:
         """Indices of greedy jobs split into groups whose padded prompt + longest output fits the context."""
@@ -1048,14 +1181,16 @@ class _ModelCore:
 
     def _generate(
         self,
-        prompts: list[list[int]],
+        jobs: list[_Job],
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
     ) -> list[list[int]]:
-        """Left-pad ``prompts`` and run one ``generate``; returns each row's new ids (``<= max_new_tokens``)."""
-        from transformers import GenerationConfig
+        """Left-pad the jobs' prompts and run one ``generate``; returns each row's new ids
+        (``<= max_new_tokens``; fewer for a row stopped at its job's deadline)."""
+        from transformers import GenerationConfig, StoppingCriteriaList
 
+        prompts = [job.prompt_ids for job in jobs]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[self._pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
@@ -1070,6 +1205,7 @@ class _ModelCore:
             input_ids=input_ids.to(self._device),
             attention_mask=attention.to(self._device),
             generation_config=GenerationConfig(**kwargs),
+            stopping_criteria=StoppingCriteriaList([_PastDeadline([job.deadline for job in jobs])]),
         )
         return [row[width:].tolist() for row in out.cpu()]
 
@@ -1134,8 +1270,21 @@ class _ModelCore:
             yield text[emitted:]
 
     def _next_token(self, state: _StreamState, p: _Prepared) -> int:
-        """One forward pass with the KV cache; returns the next token id (greedy or sampled)."""
-        with self._gen_lock, torch.inference_mode():
+        """One forward pass with the KV cache; returns the next token id (greedy or sampled).
+
+        Raises:
+            APIError: 504 once the request is past its deadline (also while waiting for the model).
+        """
+        remaining = p.deadline - time.monotonic()
+        if remaining <= 0 or not self._gen_lock.acquire(timeout=remaining):
+            raise _request_timeout(self._args.request_timeout_s)
+        try:
+            return self._next_token_locked(state, p)
+        finally:
+            self._gen_lock.release()
+
+    def _next_token_locked(self, state: _StreamState, p: _Prepared) -> int:
+        with torch.inference_mode():
             out = self._model(input_ids=state.next_input.to(self._device), past_key_values=state.past, use_cache=True)
             state.past = out.past_key_values
             logits = out.logits[0, -1].float().cpu()
@@ -1219,7 +1368,8 @@ def build_app(args: dict) -> serve.Application:
             ``serve/api_keys.json``; required when ``auth``), ``auth`` (bool, default true),
             ``max_tokens_cap`` (int, default 256), ``max_batch_size`` (int, default 8),
             ``batch_wait_timeout_s`` (float seconds, default 0.01), ``key_cache_ttl_s`` (float
-            seconds, default 5), ``canary`` (optional ``{"version", "model_uri", "weight_percent"}``).
+            seconds, default 5), ``key_max_stale_s`` (float seconds, default 60), ``request_timeout_s``
+            (float seconds, default 300), ``canary`` (optional ``{"version", "model_uri", "weight_percent"}``).
 
     Returns:
         The bound ``ModelServer`` deployment (the HTTP ingress), to be run with
