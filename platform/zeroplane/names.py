@@ -31,6 +31,8 @@ ENV_MAX_UPLOAD_MB = "ZEROPLANE_MAX_UPLOAD_MB"
 ENV_SKIP_RESOURCE_CHECK = "ZEROPLANE_SKIP_RESOURCE_CHECK"
 #: Ray Serve HTTP port of a cluster zeroplane did not start (default 8000).
 ENV_SERVE_PORT = "ZEROPLANE_SERVE_PORT"
+#: Where a local head started by ``cluster up`` listens: ``127.0.0.1`` (default) or ``0.0.0.0`` (same as ``--host``).
+ENV_BIND_HOST = "ZEROPLANE_BIND_HOST"
 
 DEFAULT_HOME = "~/.zeroplane"
 DEFAULT_STORAGE = "~/.zeroplane/storage"

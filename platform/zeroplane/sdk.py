@@ -436,7 +436,8 @@ class Client:
 
         # A remote cluster's Serve proxy is reached on the host of its dashboard, not on this machine.
         public = "127.0.0.1" if self.cluster.local else (urlsplit(self.cluster.dashboard_url).hostname or "127.0.0.1")
-        host = "127.0.0.1" if self.cluster.local else "0.0.0.0"
+        # the proxy listens where the head does (a local head: loopback unless started with --host 0.0.0.0)
+        host = getattr(self.cluster, "bind_host", None) or ("127.0.0.1" if self.cluster.local else "0.0.0.0")
         return ServeClient(self.cluster.dashboard_url, http_host=host, http_port=self.cluster.serve_http_port,
                            public_host=public)
 
@@ -786,12 +787,23 @@ def parse_model_ref(ref: str):
 
 
 def cluster_up(num_cpus: Optional[int] = None, dashboard_port: Optional[int] = None,
-               serve_http_port: Optional[int] = None):
+               serve_http_port: Optional[int] = None, bind_host: Optional[str] = None):
     """Start the embedded local Ray head, or return the one already running
-    (:func:`zeroplane.cluster.start_local_head`); returns its ``ClusterInfo``."""
+    (:func:`zeroplane.cluster.start_local_head`); returns its ``ClusterInfo`` (``bind_host``: where it
+    listens, ``auth``: ``token`` or ``disabled``).
+
+    Args:
+        bind_host: ``127.0.0.1`` (default, or ``$ZEROPLANE_BIND_HOST``) or ``0.0.0.0`` for a head other
+            machines can reach.
+
+    Raises:
+        SpecError: a bad argument.
+        ZeroplaneError: Ray did not start, or a running head listens elsewhere than asked.
+    """
     from .cluster import start_local_head
 
-    return start_local_head(num_cpus=num_cpus, dashboard_port=dashboard_port, serve_http_port=serve_http_port)
+    return start_local_head(num_cpus=num_cpus, dashboard_port=dashboard_port, serve_http_port=serve_http_port,
+                            bind_host=bind_host)
 
 
 def cluster_down(grace_s: float = 10.0) -> List[int]:

@@ -235,7 +235,7 @@ class ServeClient:
         from .cluster import auth_headers
 
         try:
-            r = requests.get(f"{self.dashboard_url}/nodes?view=summary", headers=auth_headers(), timeout=10)
+            r = requests.get(f"{self.dashboard_url}/nodes?view=summary", headers=auth_headers(self.dashboard_url), timeout=10)
             r.raise_for_status()
             endpoints = _metrics_endpoints(r.json())
         except Exception:

@@ -49,7 +49,7 @@ def two_nodes() -> Iterator[Dict[str, object]]:
         mp.delenv(var, raising=False)
     head_pids: list = []
     try:
-        info = cluster.start_local_head(num_cpus=1)
+        info = cluster.start_local_head(num_cpus=1, bind_host="0.0.0.0")  # a second node must reach it
         head_pids = list(info.pids)
         join_local_worker(info.address, worker_dir, num_cpus=1, resources={"node_b": 1})
         deadline = time.monotonic() + 60

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .options import CLUSTER_READ, Finite, OUTPUT
-from .output import console, emit_json, show, table
+from .output import console, emit_json, err, show, table
 
 
 @click.group()
@@ -18,8 +18,11 @@ def cluster() -> None:
 @click.option("--num-cpus", type=int, default=None, help="CPUs the local head offers (default: max(cores, 4)).")
 @click.option("--dashboard-port", type=int, default=None, help="Dashboard port (default 8265 if free).")
 @click.option("--serve-port", type=int, default=None, help="Ray Serve HTTP port (default 8000 if free).")
+@click.option("--host", "bind_host", type=click.Choice(["127.0.0.1", "0.0.0.0"]), default=None,
+              help="Where the local head listens: loopback (default, or $ZEROPLANE_BIND_HOST) or every interface "
+                   "(0.0.0.0: reachable by other machines, e.g. to add nodes).")
 @OUTPUT
-def cluster_up(config, num_cpus, dashboard_port, serve_port, output) -> None:
+def cluster_up(config, num_cpus, dashboard_port, serve_port, bind_host, output) -> None:
     """Start the embedded local Ray head (or return the one already running); with CONFIG, create or
     update that cluster with the Ray cluster launcher (`ray up -y CONFIG`, e.g. cluster/aws.yaml)."""
     from .. import sdk
@@ -27,10 +30,17 @@ def cluster_up(config, num_cpus, dashboard_port, serve_port, output) -> None:
     if config:
         return sdk.cluster_launcher("up", config)
     with console(stderr=True).status("starting a local Ray head"):
-        info = sdk.cluster_up(num_cpus=num_cpus, dashboard_port=dashboard_port, serve_http_port=serve_port)
+        info = sdk.cluster_up(num_cpus=num_cpus, dashboard_port=dashboard_port, serve_http_port=serve_port,
+                              bind_host=bind_host)
+    if info.auth == "disabled":
+        err("WARNING: Ray token authentication is off (RAY_AUTH_MODE): anyone who can reach its ports can run "
+            "code on this cluster")
     if output == "json":
         return emit_json(info)
-    click.echo(f"Ray head up: dashboard {info.dashboard_url}, GCS {info.address}, Serve port {info.serve_http_port}")
+    where = {"127.0.0.1": "loopback only", "0.0.0.0": "every interface: reachable from the network"}
+    click.echo(f"Ray head up: dashboard {info.dashboard_url}, GCS {info.address}, Serve port {info.serve_http_port}; "
+               f"listening on {where.get(info.bind_host or '', info.bind_host or 'unknown')}, "
+               f"auth {info.auth or 'unknown'}")
 
 
 @cluster.command("down")

@@ -5,8 +5,11 @@ One module per concern:
 * :mod:`.state` -- :class:`ClusterInfo` (the cluster record), ``state_dir()`` / ``state_file()``, the
   state lock, reading and writing the local head's record, the choice of its Ray temp dir.
 * :mod:`.auth` -- Ray token authentication (on by default since Ray 2.60): ``auth_env``,
-  ``apply_auth_env``, ``auth_headers``, making sure a token exists for a new head.
-* :mod:`.local` -- ports and the local head: ``start_local_head``, ``stop_local_head``.
+  ``apply_auth_env``, ``auth_headers``, making sure a token exists for a new head, keeping the token
+  file private (``check_token_file``) and warning when the token would cross the network in clear text
+  (``warn_if_token_in_clear``).
+* :mod:`.local` -- ports and the local head: ``start_local_head`` (on loopback unless asked otherwise),
+  ``stop_local_head``.
 * :mod:`.procs` -- finding and ending the processes of a node zeroplane started (and only those).
 * :mod:`.address` -- addresses, profiles of ``~/.zeroplane/config.yaml`` (``load_profile``) and
   ``resolve_cluster``.

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 from zeroplane.errors import SpecError, ZeroplaneError, first_line
 from zeroplane.names import ENV_PROFILE, ENV_SERVE_PORT
 
-from .auth import ENV_AUTH_TOKEN, ENV_AUTH_TOKEN_PATH
+from .auth import ENV_AUTH_TOKEN, ENV_AUTH_TOKEN_PATH, check_token_file, warn_if_token_in_clear
 from .local import _local_cluster_alive
 from .state import (
     DEFAULT_DASHBOARD_PORT,
@@ -71,8 +71,14 @@ def _parse_address(address: str, source: str) -> ClusterInfo:
         )
     if addr.startswith(("http://", "https://")):
         url = urlparse(addr)
+        try:
+            port = url.port  # parses it: a port that is not a number in 1..65535 is a mistake made here
+        except ValueError:
+            port = 0
         if not url.hostname:
             raise SpecError(f"{source} {addr!r} has no host; expected http://HOST:PORT")
+        if port == 0 or (url.port is not None and not 1 <= url.port <= 65535):
+            raise SpecError(f"{source} {addr!r} has no valid port; expected http://HOST:PORT, e.g. :8265")
         dashboard_url = f"{url.scheme}://{url.netloc}".rstrip("/")
         gcs_address = f"{_format_host(url.hostname)}:{DEFAULT_GCS_PORT}"
         return ClusterInfo(gcs_address, dashboard_url, _serve_port_env(), local=False)
@@ -81,6 +87,8 @@ def _parse_address(address: str, source: str) -> ClusterInfo:
             f"{source} {addr!r} has an unsupported scheme; use http://HOST:PORT (dashboard) "
             "or HOST:PORT (GCS)"
         )
+    if addr.count(":") > 1 and not addr.startswith("["):
+        raise SpecError(f"{source} {addr!r}: write an IPv6 address in brackets, [ADDR]:PORT or http://[ADDR]:8265")
     host, sep, port = addr.rpartition(":")
     if not sep or "]" in port:  # bare host (or bare IPv6 in brackets)
         host, port = addr, str(DEFAULT_GCS_PORT)
@@ -175,7 +183,11 @@ def resolve_cluster(address: Optional[str] = None, profile: Optional[str] = None
 
     When the cluster comes from a profile, its ``storage`` becomes :attr:`ClusterInfo.storage`
     (the default storage root), and its ``auth_token_file`` becomes ``RAY_AUTH_TOKEN_PATH`` of
-    this process unless ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` is already set.
+    this process unless ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` is already set; that file
+    is tightened to 0600 if others can read it (see :func:`~zeroplane.cluster.auth.check_token_file`).
+    A cluster whose dashboard is plain ``http://`` on another machine, with a token available, logs
+    the once-per-process warning of :func:`~zeroplane.cluster.auth.warn_if_token_in_clear`: every
+    command sends the token there next.
 
     Args:
         address: Explicit address, or None.
@@ -187,7 +199,8 @@ def resolve_cluster(address: Optional[str] = None, profile: Optional[str] = None
     Raises:
         SpecError: the address is malformed or a ``ray://`` client address; a selected profile
             is missing or invalid; ``$ZEROPLANE_SERVE_PORT`` is not a port.
-        ZeroplaneError: no address given and no live local cluster.
+        ZeroplaneError: no address given and no live local cluster; or the token file is readable
+            by others and not ours to tighten.
     """
     candidates = [(address, "--address"), (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")]
     prof = None
@@ -199,7 +212,9 @@ def resolve_cluster(address: Optional[str] = None, profile: Optional[str] = None
             token_file = prof.get("auth_token_file")
             if token_file and not os.environ.get(ENV_AUTH_TOKEN) and not os.environ.get(ENV_AUTH_TOKEN_PATH):
                 os.environ[ENV_AUTH_TOKEN_PATH] = str(Path(str(token_file)).expanduser())
+                check_token_file(Path(os.environ[ENV_AUTH_TOKEN_PATH]))
     info = _resolve_candidates(candidates)
+    warn_if_token_in_clear(info.dashboard_url)
     storage = prof.get("storage") if prof is not None else None
     return dataclasses.replace(info, storage=str(storage)) if storage else info
 

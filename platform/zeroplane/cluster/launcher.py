@@ -11,6 +11,8 @@ from typing import Union
 
 from zeroplane.errors import SpecError, ZeroplaneError
 
+from .auth import check_token_file
+
 
 def _ray_cli() -> list[str]:
     """argv prefix of the ``ray`` CLI of this interpreter (so of zeroplane's Ray installation)."""
@@ -45,14 +47,41 @@ def launcher_command(action: str, config: Union[str, os.PathLike[str]]) -> list[
     return _ray_cli() + [action, "-y", str(path)]
 
 
+def _mounted_token_files(config: Path) -> list[Path]:
+    """Local files that ``config``'s ``file_mounts`` copy to the nodes as a Ray token (a source or a
+    destination named ``auth_token``), as absolute paths; ``[]`` when the YAML cannot be read (``ray up``
+    then reports it)."""
+    import yaml
+
+    try:
+        mounts = (yaml.safe_load(config.read_text()) or {}).get("file_mounts") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    if not isinstance(mounts, dict):
+        return []
+    return [
+        Path(str(local)).expanduser().absolute()
+        for remote, local in mounts.items()
+        if "auth_token" in (Path(str(remote)).name, Path(str(local)).name)
+    ]
+
+
 def run_launcher(action: str, config: Union[str, os.PathLike[str]]) -> None:
     """Run :func:`launcher_command` in the foreground (its output goes to this terminal).
 
+    Before ``up``, each Ray token file that the config's ``file_mounts`` copy to the nodes is made
+    private (mode 0600; see :func:`zeroplane.cluster.auth.check_token_file`): ``ray up`` syncs with
+    ``rsync -a``, which keeps the mode, so a world-readable token would arrive world-readable.
+
     Raises:
         SpecError: see :func:`launcher_command`.
-        ZeroplaneError: the launcher exited non-zero.
+        ZeroplaneError: a mounted token file is readable by others and not ours to tighten (nothing
+            is run then), or the launcher exited non-zero.
     """
     cmd = launcher_command(action, config)
+    if action == "up":
+        for token_file in _mounted_token_files(Path(config)):
+            check_token_file(token_file)
     rc = subprocess.run(cmd, check=False).returncode
     if rc != 0:
         raise ZeroplaneError(f"`ray {action} -y {config}` failed with exit code {rc}; see its output above")

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from zeroplane.errors import SpecError, ZeroplaneError
+from zeroplane.names import ENV_BIND_HOST
 
-from .auth import _ensure_token_for_new_cluster, auth_headers
+from .auth import AUTH_TOKEN, _ensure_token_for_new_cluster, auth_headers
 from .launcher import _ray_cli
 from .procs import (
     _collect_head_procs,
@@ -44,6 +45,51 @@ from .state import (
     state_dir,
     state_file,
 )
+
+# --------------------------------------------------------------------------------------- bind host
+
+"""Environment variable that picks where a new local head listens when ``start_local_head`` is not told:
+``127.0.0.1`` (default) or ``0.0.0.0``."""
+
+BIND_LOOPBACK = "127.0.0.1"
+BIND_ALL = "0.0.0.0"
+
+
+def _bind_host(requested: Optional[str]) -> str:
+    """Where a new local head listens: ``requested``, else ``$ZEROPLANE_BIND_HOST`` (empty means unset),
+    else 127.0.0.1.
+
+    Raises:
+        SpecError: the value is neither ``127.0.0.1`` nor ``0.0.0.0``.
+    """
+    source = "bind_host"
+    if requested is None:
+        requested, source = (os.environ.get(ENV_BIND_HOST) or "").strip() or BIND_LOOPBACK, ENV_BIND_HOST
+    if requested not in (BIND_LOOPBACK, BIND_ALL):
+        raise SpecError(
+            f"{source} must be {BIND_LOOPBACK} or {BIND_ALL} (reachable from the network), got {requested!r}"
+        )
+    return requested
+
+
+def _bind_args(bind_host: str) -> tuple[list[str], dict[str, str]]:
+    """``ray start --head`` arguments and extra environment that make the head listen on ``bind_host``.
+
+    Ray 2.60 has no single listen-address flag: each component binds to loopback only when the node's IP
+    is loopback (GCS and raylet gRPC, dashboard agent, runtime-env agent, metrics exporters, Ray Client
+    server); otherwise on every interface. ``--node-ip-address=127.0.0.1`` alone is not enough on Linux:
+    ``ray start`` replaces a loopback node IP with the machine's address unless Ray clusters are "not
+    enabled" (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, what Ray does by default on macOS and Windows:
+    the node then stays on 127.0.0.1). Besides, the variable only stops ``ray start`` *without*
+    ``--head`` in that environment, and makes the head's own processes (job drivers) take 127.0.0.1 as
+    their node IP, which is this node's. Worker nodes joining it (started elsewhere) are unaffected.
+    The dashboard has its own ``--dashboard-host``.
+    """
+    if bind_host == BIND_LOOPBACK:
+        args = [f"--node-ip-address={BIND_LOOPBACK}", f"--dashboard-host={BIND_LOOPBACK}"]
+        return args, {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return [f"--dashboard-host={BIND_ALL}"], {}
+
 
 # --------------------------------------------------------------------------------------- ports
 
@@ -200,7 +246,7 @@ def _wait_dashboard(url: str, deadline: float, proc_check: Optional[Callable[[],
     last_err: Optional[str] = "not answering"
     while time.monotonic() < deadline:
         try:
-            resp = requests.get(f"{url}/api/version", headers=auth_headers(), timeout=3)
+            resp = requests.get(f"{url}/api/version", headers=auth_headers(url), timeout=3)
             if resp.status_code == 200:
                 return None
             last_err = f"HTTP {resp.status_code} from /api/version"
@@ -222,20 +268,24 @@ def start_local_head(
     dashboard_port: Optional[int] = None,
     serve_http_port: Optional[int] = None,
     timeout_s: float = 120,
+    bind_host: Optional[str] = None,
 ) -> ClusterInfo:
     """Start a single-node Ray head for zeroplane, or return the one already running.
 
     Runs ``ray start --head`` in a subprocess with a private temp dir
     (``<state_dir>/ray``, or ``/tmp/zeroplane-<uid>-<hash>`` when that path would be too
-    long for Ray's unix sockets), free ports, the dashboard bound to 127.0.0.1, and usage
-    stats disabled. Token authentication is used unless ``RAY_AUTH_MODE`` says otherwise;
+    long for Ray's unix sockets), free ports, every listening socket (GCS, raylet, dashboard,
+    agents, metrics, Ray Client server) on 127.0.0.1 unless ``bind_host`` asks for 0.0.0.0, and
+    usage stats disabled. Token authentication is used unless ``RAY_AUTH_MODE`` says otherwise;
     if no token exists one is created at ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``
-    (what ``ray.init()`` does too). Returns once the dashboard's ``/api/version`` answers,
-    after recording the head's pids in ``<state_dir>/local-cluster.json``.
+    (what ``ray.init()`` does too); an existing token file that others can read is tightened to
+    0600. Returns once the dashboard's ``/api/version`` answers, after recording the head's pids in
+    ``<state_dir>/local-cluster.json``. The result's ``bind_host`` and ``auth`` say how it was
+    started (``auth == "disabled"``: anyone who reaches its ports can run code on it).
 
     Idempotent: if the recorded cluster is alive (GCS reachable, GCS server and raylet pids
-    running), it is returned unchanged. A recorded cluster that is half-dead is cleaned up
-    (see :func:`stop_local_head`) and a new one started.
+    running), it is returned unchanged, provided it listens where asked. A recorded cluster that
+    is half-dead is cleaned up (see :func:`stop_local_head`) and a new one started.
 
     Args:
         num_cpus: Logical CPUs the node advertises. Default ``max(os.cpu_count(), 4)`` so two
@@ -244,19 +294,31 @@ def start_local_head(
         serve_http_port: Port recorded for the Serve HTTP proxy. Default 8000 if free, else
             any free port.
         timeout_s: Seconds to wait for ``ray start`` plus the dashboard (default 120).
+        bind_host: Where the head listens: ``"127.0.0.1"`` (this machine only) or ``"0.0.0.0"``
+            (every interface, so other machines can reach it: only with token auth on a network you
+            trust). Default None: ``$ZEROPLANE_BIND_HOST`` if set, else ``"127.0.0.1"``. A head on
+            127.0.0.1 takes no other node, and Ray clients outside it reach it through the dashboard
+            URL (Jobs API, state API: what zeroplane uses): on Linux ``ray start --address`` and
+            ``ray.init(address=GCS)`` rewrite 127.0.0.1 to the machine's address (a client, not a
+            node, can opt out with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). Ask for 0.0.0.0 to
+            add worker nodes.
 
     Returns:
-        The cluster's :class:`ClusterInfo` (``local=True``).
+        The cluster's :class:`ClusterInfo` (``local=True``, ``bind_host`` and ``auth`` set).
 
     Raises:
-        SpecError: an invalid argument (e.g. ``num_cpus < 1``, port out of range).
-        ZeroplaneError: a requested port is taken, or Ray failed to start or did not become
-            ready within ``timeout_s``; the message ends with the tail of Ray's output.
+        SpecError: an invalid argument (e.g. ``num_cpus < 1``, port out of range, a ``bind_host``
+            or ``$ZEROPLANE_BIND_HOST`` other than 127.0.0.1 / 0.0.0.0).
+        ZeroplaneError: a requested port is taken; the running head listens elsewhere than
+            ``bind_host`` (run ``zeroplane cluster down`` first); the Ray token file is readable by
+            others and not ours to tighten; or Ray failed to start or did not become ready within
+            ``timeout_s``, the message ending with the tail of Ray's output.
     """
     if num_cpus is not None and num_cpus < 1:
         raise SpecError(f"num_cpus must be >= 1, got {num_cpus}")
     if timeout_s <= 0:
         raise SpecError(f"timeout_s must be > 0, got {timeout_s}")
+    host = _bind_host(bind_host)
 
     with _state_lock():
         data = _read_state()
@@ -264,10 +326,18 @@ def start_local_head(
         if existing is not None:
             err = _wait_dashboard(existing.dashboard_url, time.monotonic() + min(timeout_s, 30))
             if err is None:
+                if existing.bind_host != host:
+                    # Never hand out a head that listens more widely (or differently) than asked.
+                    # A record without bind_host predates loopback binding: that head listens everywhere.
+                    where = existing.bind_host or "every interface"
+                    raise ZeroplaneError(
+                        f"the running local Ray head listens on {where}, not {host}; "
+                        "run `zeroplane cluster down` first, then start it again"
+                    )
                 return existing
         if data is not None:
             _stop_locked(grace_s=10)  # stale or half-dead: clean up before starting anew
-        return _start_locked(num_cpus, dashboard_port, serve_http_port, timeout_s)
+        return _start_locked(num_cpus, dashboard_port, serve_http_port, timeout_s, host)
 
 
 def _start_locked(
@@ -275,6 +345,7 @@ def _start_locked(
     dashboard_port: Optional[int],
     serve_http_port: Optional[int],
     timeout_s: float,
+    bind_host: str,
 ) -> ClusterInfo:
     deadline = time.monotonic() + timeout_s
     sdir = state_dir()
@@ -291,11 +362,12 @@ def _start_locked(
 
     gcs_port, agent_port, client_port = _free_ports(3, taken)
     cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
-    use_token = _ensure_token_for_new_cluster()
+    auth_mode = _ensure_token_for_new_cluster()
+    bind_args, bind_env = _bind_args(bind_host)
     args = [
         "--head",
         f"--port={gcs_port}",
-        "--dashboard-host=127.0.0.1",
+        *bind_args,
         f"--dashboard-port={dash_port}",
         "--include-dashboard=true",
         f"--dashboard-agent-listen-port={agent_port}",
@@ -311,8 +383,8 @@ def _start_locked(
     log_path = sdir / "ray-start.log"
     started_at = time.time()
     try:
-        _run_ray_start(args, log_path, max(deadline - time.monotonic(), 1),
-                       {"RAY_AUTH_MODE": "token"} if use_token else {})
+        env_extra = {**bind_env, **({"RAY_AUTH_MODE": AUTH_TOKEN} if auth_mode == AUTH_TOKEN else {})}
+        _run_ray_start(args, log_path, max(deadline - time.monotonic(), 1), env_extra)
         address = _read_head_address(temp_dir, gcs_port)
         info = ClusterInfo(
             address=address,
@@ -322,9 +394,11 @@ def _start_locked(
             temp_dir=temp_dir,
             pids=[],
             started_at=started_at,
+            bind_host=bind_host,
+            auth=auth_mode,
         )
         # Record right away so that `stop` finds this head even if we die below.
-        _record(info, _collect_head_procs({}, [temp_dir], [address]), use_token)
+        _record(info, _collect_head_procs({}, [temp_dir], [address]))
 
         def head_running() -> bool:
             return bool(_procs_referencing(_path_pattern([temp_dir])))
@@ -335,7 +409,7 @@ def _start_locked(
                 f"Ray dashboard at {info.dashboard_url} not ready ({err}); "
                 f"logs in {temp_dir}/session_latest/logs; ray start said: {_tail(log_path)}"
             )
-        return _record(info, _collect_head_procs({}, [temp_dir], [address]), use_token)
+        return _record(info, _collect_head_procs({}, [temp_dir], [address]))
     except BaseException:
         # Clean up whatever this attempt started (only our temp dir / GCS address).
         addresses = [_read_head_address(temp_dir, gcs_port)]
@@ -346,13 +420,12 @@ def _start_locked(
         raise
 
 
-def _record(info: ClusterInfo, procs: dict[int, Any], use_token: bool) -> ClusterInfo:
+def _record(info: ClusterInfo, procs: dict[int, Any]) -> ClusterInfo:
     """Store ``info`` with the pids (and their start times) of ``procs`` in the state file."""
     meta = _proc_meta(procs)
     info.pids = sorted(int(p) for p in meta)
     state = info.to_dict()
     state["processes"] = meta
-    state["auth_mode"] = "token" if use_token else "disabled"
     _write_state(state)
     return info
 

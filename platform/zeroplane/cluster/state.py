@@ -50,6 +50,12 @@ class ClusterInfo:
         started_at: Start time as Unix seconds (local only), else None.
         storage: Default storage root (``s3://bucket/prefix`` or a folder) of the profile the
             cluster was found through (its ``storage`` key), else None.
+        bind_host: Where a local head listens: ``"127.0.0.1"`` (this machine only, the default) or
+            ``"0.0.0.0"`` (every interface: reachable from the network, on request); None when
+            zeroplane did not start the cluster or its record predates this field.
+        auth: Ray authentication of a local head: ``"token"`` (Ray's token required) or
+            ``"disabled"`` (``RAY_AUTH_MODE`` other than ``token``: anyone who reaches its ports can
+            run code on it); None when not known (a cluster zeroplane did not start).
     """
 
     address: str
@@ -60,6 +66,8 @@ class ClusterInfo:
     pids: list[int] = field(default_factory=list)
     started_at: Optional[float] = None
     storage: Optional[str] = None
+    bind_host: Optional[str] = None
+    auth: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict of all fields."""
@@ -85,6 +93,9 @@ class ClusterInfo:
                     float(data["started_at"]) if data.get("started_at") is not None else None
                 ),
                 storage=str(data["storage"]) if data.get("storage") else None,
+                bind_host=str(data["bind_host"]) if data.get("bind_host") else None,
+                # "auth_mode": the key of state files written before ``auth`` existed.
+                auth=str(data.get("auth") or data.get("auth_mode") or "") or None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"invalid cluster info: {e!r}") from e

@@ -94,7 +94,7 @@ def _ray_version(base: str) -> Optional[str]:
     """
     import requests
 
-    resp = requests.get(f"{base}/api/version", headers=auth_headers(), timeout=_VERSION_TIMEOUT_S)
+    resp = requests.get(f"{base}/api/version", headers=auth_headers(base), timeout=_VERSION_TIMEOUT_S)
     if resp.status_code in (401, 403):
         raise PermissionError(
             f"dashboard refused the request (HTTP {resp.status_code}): the cluster uses token "
@@ -120,7 +120,7 @@ def _state_client(dashboard_url: str) -> Any:
 
     client = StateApiClient.__new__(StateApiClient)
     SubmissionClient.__init__(client, address=dashboard_url, create_cluster_if_needed=False,
-                              headers={"Content-Type": "application/json", **auth_headers()})
+                              headers={"Content-Type": "application/json", **auth_headers(dashboard_url)})
     return client
 
 
