@@ -105,3 +105,23 @@ def test_a_saved_api_key_is_never_readable_by_others(tmp_path, monkeypatch):
     path = tmp_path / "home" / "api_key"
     assert path.read_text().strip() == r.stdout.strip()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and seen and all(m == 0o600 for m in seen)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """A few hundred bytes of nested aliases ("billion laughs") would expand to billions of nodes."""
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, cur in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    r = CliRunner().invoke(main, ["spec", "validate", str(bomb)])
+    assert r.exit_code == 2 and "aliases" in r.output
+    r = CliRunner().invoke(main, ["spec", "validate", TINY, "--set", "serve.ray_actor_options=[&a 1, *a]"])
+    assert r.exit_code == 2 and "aliases" in r.output
+
+
+def test_credentials_in_an_endpoint_url_are_refused_and_never_printed():
+    r = CliRunner().invoke(main, ["spec", "validate", TINY, "--set",
+                                  "checkpoint.s3_endpoint_url=http://AKIAKEY:s3cr3t-pw@minio:9000"])
+    assert r.exit_code == 2 and "credentials do not belong" in r.output
+    assert "s3cr3t-pw" not in r.output and "AKIAKEY" not in r.output
