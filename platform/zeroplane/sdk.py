@@ -28,56 +28,11 @@ from .results import (ApiKeyInfo, ClusterStatus, JobPlan, JobStatus, ModelVersio
 from .spec import JobSpec, parse_spec
 from .spec.deepspeed import build_deepspeed_config
 from .storage import Storage
+# re-exported: the SDK is the CLI's one import
+from .completions import complete  # noqa: F401
+from .progress import PROGRESS_PREFIX, ProgressParser, parse_progress  # noqa: F401
 
-PROGRESS_PREFIX = names.PROGRESS_PREFIX
 DEFAULT_STORAGE = names.DEFAULT_STORAGE
-
-
-class ProgressParser:
-    """Progress events from log text fed in chunks of any size (a line may span chunks).
-
-    Rank 0 prints ``ZEROPLANE_PROGRESS {json}`` lines; Ray may forward the same line twice (with a
-    ``(RayTrainWorker pid=…)`` prefix), so an event seen before is dropped. Lines that are not JSON are
-    skipped.
-    """
-
-    def __init__(self) -> None:
-        self._partial = ""
-        self._seen: set = set()
-
-    def feed(self, text: str) -> List[Dict[str, Any]]:
-        """New events in ``text`` (complete lines only; a trailing partial line waits for the next chunk)."""
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()
-        return self._events(lines)
-
-    def close(self) -> List[Dict[str, Any]]:
-        """Events of the last, unterminated line."""
-        rest, self._partial = self._partial, ""
-        return self._events([rest])
-
-    def _events(self, lines: List[str]) -> List[Dict[str, Any]]:
-        out = []
-        for line in lines:
-            i = line.find(PROGRESS_PREFIX)
-            if i < 0:
-                continue
-            raw = line[i + len(PROGRESS_PREFIX):].strip()
-            if raw in self._seen:
-                continue
-            try:
-                ev = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            self._seen.add(raw)
-            out.append(ev)
-        return out
-
-
-def parse_progress(log_text: str) -> List[Dict[str, Any]]:
-    """Progress events printed by rank 0 (``ZEROPLANE_PROGRESS {json}`` lines), in order, deduplicated."""
-    p = ProgressParser()
-    return p.feed(log_text) + p.close()
 
 
 def default_storage(profile: Optional[str] = None) -> str:
@@ -691,67 +646,6 @@ def _running_overrides(app_details: Dict[str, Any]) -> Dict[str, Any]:
         if k in args:
             out[k] = args[k]
     return out
-
-
-def _plain_http_to_another_host(url: str) -> bool:
-    """True for an ``http://`` URL whose host is not this machine's loopback."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme != "http":
-        return False
-    host = parts.hostname or ""
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host != "localhost"
-
-
-def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0.0, seed: Optional[int] = None,
-             api_key: Optional[str] = None, timeout_s: float = 120.0, model: Optional[str] = None):
-    """A completion from a deployed model through the official ``openai`` client (base URL ``<url>/v1``).
-
-    Args:
-        url: the application URL (:meth:`Client.serve_url`).
-        prompt: the text to continue.
-        max_tokens, temperature, seed: OpenAI's request fields (temperature 0 = greedy).
-        api_key: bearer key (None: no ``Authorization`` header).
-        timeout_s: seconds for the whole request (default 120).
-        model: the ``model`` field (default: the last path segment of ``url``).
-
-    Returns:
-        The ``openai.types.Completion`` (``choices[0].text``, ``model``, ``usage``; ``model_dump()`` for JSON).
-
-    Raises:
-        ZeroplaneError: connection failure or an error answer (with the server's reason).
-    """
-    import openai
-
-    if api_key and _plain_http_to_another_host(url):
-        import warnings
-
-        warnings.warn(f"sending an API key over plain http:// to {url}; anyone on the network path can read it "
-                      "(terminate TLS in front of Ray Serve and use https://)", stacklevel=2)
-    # openai requires some key; without one the server answers 401 and the message says how to make one
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", timeout=timeout_s, max_retries=0)
-    extra = {"seed": seed} if seed is not None else {}
-    try:
-        res = client.completions.create(model=model or url.rstrip("/").rsplit("/", 1)[-1], prompt=prompt,
-                                        max_tokens=max_tokens, temperature=temperature, **extra)
-    except openai.APIConnectionError as e:
-        raise ZeroplaneError(f"cannot reach {url}: {e}") from None
-    except openai.APIStatusError as e:
-        try:
-            reason = e.response.json()["error"]["message"]
-        except Exception:
-            reason = e.response.text[:300]
-        hint = " (create a key with `zeroplane serve keys create --save`)" if e.status_code == 401 else ""
-        if e.status_code == 404 and "not found" in reason.lower() and "Ping" in reason:
-            reason = "no such application on this cluster's Ray Serve"
-            hint = " (`zeroplane serve status` lists deployed models; `zeroplane promote` deploys one)"
-        raise ZeroplaneError(f"{url} answered {e.status_code}: {reason}{hint}") from None
-    return res
 
 
 # ---------------------------------------------------------------------- calls that need no Client

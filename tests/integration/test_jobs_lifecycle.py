@@ -169,3 +169,23 @@ def test_no_credential_of_the_submitter_reaches_the_cluster(head, monkeypatch):
             except OSError:
                 continue  # sockets, files that vanished
     assert leaked == []
+
+
+def test_a_config_only_transformers_can_refuse_fails_the_job_at_once_without_retries(head):
+    """A mistake no retry can fix ends the job in the driver, before data preparation and workers."""
+    zp, storage = head
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml", [f"checkpoint.storage_path={storage}",
+                                                       "failure.max_failures=2", "model.config.activation_function=3"])
+    job = zp.submit(spec).job_id
+    assert zp.wait(job, timeout_s=300) == "FAILED"
+    status = zp.status(job)
+    assert status.result["error"].startswith("SpecError:") and "model.config" in status.result["error"]
+    log = zp.jobs.logs(job)
+    assert not [e for e in parse_events(log) if e.get("event") == "start"]
+    assert "[zeroplane] data:" not in log and "RETRY" not in log
+
+
+def parse_events(log: str):
+    from zeroplane.sdk import parse_progress
+
+    return parse_progress(log)

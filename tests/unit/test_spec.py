@@ -106,9 +106,9 @@ def test_stage3_with_both_offloads_is_valid():
 
 def test_min_replicas_equal_max_and_zero_resources_are_valid():
     s = parse_spec({"name": "a", "serve": {"autoscaling": {"min_replicas": 2, "max_replicas": 2}},
-                    "scaling": {"resources_per_worker": {"CPU": 0}}})
+                    "scaling": {"use_gpu": True, "resources_per_worker": {"CPU": 0, "GPU": 1}}})
     assert s.serve.autoscaling.min_replicas == 2
-    assert s.scaling.resources_per_worker == {"CPU": 0}
+    assert s.scaling.resources_per_worker == {"CPU": 0, "GPU": 1}  # a CPU job needs CPU > 0 (test_doomed_specs)
 
 
 # ---------------------------------------------------------------- bad specs

@@ -147,8 +147,14 @@ def _close_fields(loc) -> List[str]:
     return difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
 
 
-def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+def parse_spec(data: Any, source: str = "spec", check_local_files: bool = False) -> JobSpec:
     """Validate a raw mapping into a ``JobSpec``.
+
+    Args:
+        data: the raw mapping.
+        source: what error lines start with (the file name).
+        check_local_files: also require a local ``data.source`` to match a file on this machine (where the
+            spec is resolved and submitted; the driver and workers re-validate without it).
 
     Raises:
         SpecError: the mapping is not a mapping or fails validation.
@@ -156,7 +162,7 @@ def parse_spec(data: Any, source: str = "spec") -> JobSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the spec must be a YAML mapping with at least `name:`, got {type(data).__name__}")
     try:
-        return JobSpec.model_validate(data)
+        return JobSpec.model_validate(data, context={"local_files": check_local_files})
     except ValidationError as err:
         raise SpecError("invalid spec\n" + format_validation_error(err, source)) from None
 
@@ -193,7 +199,7 @@ def load_spec(path: str | os.PathLike, overrides: Optional[List[str]] = None) ->
         if isinstance(ds, dict) and isinstance(ds.get("overrides"), dict):  # untyped: no pydantic coercion
             ds["overrides"] = _numbers_to_float(ds["overrides"])
         apply_overrides(data, overrides or [])
-    return parse_spec(data, source=str(p))
+    return parse_spec(data, source=str(p), check_local_files=True)
 
 
 def json_schema() -> Dict[str, Any]:

@@ -8,11 +8,14 @@ Field names follow Ray (``num_workers``, ``storage_path``, ``max_failures``,
 
 from __future__ import annotations
 
+import difflib
+import functools
+import glob
 import os
 import re
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import SpecError
 from ..names import DEFAULT_STORAGE, ENV_STORAGE, NAME_RE, NAME_RULE
@@ -63,11 +66,79 @@ class ModelSpec(_Strict):
     def _known_arch(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z0-9_\-]+", v):
             raise ValueError(f"'{v}' is not a transformers model_type; use e.g. 'gpt2' or 'llama'")
+        types = _transformers_model_types()
+        if types is not None and v not in types:
+            close = difflib.get_close_matches(v, types, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"'{v}' is not a transformers model type; {hint}use e.g. 'gpt2' or 'llama'")
+        return v
+
+    @field_validator("config")
+    @classmethod
+    def _config_buildable(cls, v: Dict[str, Any], info: ValidationInfo) -> Dict[str, Any]:
+        # the config is built even for a pretrained model (the workers build it first), so it is checked too
+        if "architecture" not in info.data or "preset" not in info.data:
+            return v  # those fields failed already
+        arch = info.data["architecture"]
+        sizes = _config_kwargs(arch, info.data["preset"], v)
+        for key in _POSITIVE_INT_KEYS & set(sizes):
+            n = sizes[key]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{key}={n!r}: must be a positive whole number, e.g. {key}: 4")
+        for width, heads in (("n_embd", "n_head"), ("hidden_size", "num_attention_heads")):
+            if width in sizes and heads in sizes and sizes[width] % sizes[heads]:
+                raise ValueError(f"{width}={sizes[width]} is not divisible by {heads}={sizes[heads]}; "
+                                 f"choose {heads} dividing {width} (e.g. {heads}: {_divisor(sizes[width], sizes[heads])})")
+        kv = sizes.get("num_key_value_heads")
+        if kv and "num_attention_heads" in sizes and sizes["num_attention_heads"] % kv:
+            raise ValueError(f"num_key_value_heads={kv} does not divide num_attention_heads="
+                             f"{sizes['num_attention_heads']}; choose a divisor of num_attention_heads")
         return v
 
 
 # GPT-2 preset keys -> generic transformers names, for architectures other than gpt2.
 _GENERIC = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads"}
+#: Size keys (gpt2 and generic names) that must be positive integers whatever the architecture.
+_POSITIVE_INT_KEYS = frozenset({"n_layer", "n_embd", "n_head", "n_inner", "n_positions", "num_hidden_layers",
+                                "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                                "max_position_embeddings", "vocab_size"})
+
+
+def _divisor(width: int, heads: int) -> int:
+    """The divisor of ``width`` nearest to ``heads`` (for the fix in an error message)."""
+    return min((d for d in range(1, width + 1) if width % d == 0), key=lambda d: (abs(d - heads), d))
+
+
+def _config_kwargs(architecture: str, preset: Optional[str], config: Dict[str, Any],
+                   seq_len: Optional[int] = None) -> Dict[str, Any]:
+    """The size keys of the transformers config: the preset (renamed for non-gpt2 types) under
+    ``config``, plus the context length when ``seq_len`` is given."""
+    sizes: Dict[str, Any] = dict(PRESETS[preset]) if preset else {}
+    if architecture != "gpt2":
+        sizes = {_GENERIC[k]: v for k, v in sizes.items()}
+        if "hidden_size" in sizes:
+            sizes.setdefault("intermediate_size", 4 * sizes["hidden_size"])
+    sizes.update(config)
+    if seq_len is not None:
+        sizes.setdefault("n_positions" if architecture == "gpt2" else "max_position_embeddings", seq_len)
+    return sizes
+
+
+# ---- transformers' model types, read without importing its configuration code ----------------------
+# transformers 5.x imports torch from configuration_utils whenever torch is installed (~2 s), and
+# validation must stay light (tests/unit/test_platform_guard.py). So the model types come from the
+# generated, import-free ``transformers.models.auto.auto_mappings``; sizes are checked here, and the job
+# driver builds the real config (which checks every key) before data preparation and any worker starts.
+
+
+@functools.lru_cache(maxsize=1)
+def _transformers_model_types() -> Optional[List[str]]:
+    """transformers' model types (keys of ``CONFIG_MAPPING_NAMES``), or None when unavailable."""
+    try:
+        from transformers.models.auto import auto_mappings
+    except Exception:
+        return None
+    return sorted({"gpt-sw3", *auto_mappings.CONFIG_MAPPING_NAMES})
 
 
 def model_config(spec: ModelSpec, vocab_size: int, seq_len: int, bos_id: int | None, eos_id: int | None):
@@ -76,8 +147,8 @@ def model_config(spec: ModelSpec, vocab_size: int, seq_len: int, bos_id: int | N
     Preset sizes are merged under ``spec.config``; ``vocab_size`` and the context length
     (``n_positions`` / ``max_position_embeddings`` = ``seq_len``) come from the tokenizer and data.
 
-    Imports ``transformers`` (not torch) when called; the control plane (``zeroplane train estimate``)
-    and the training workers both build the model's config here.
+    Imports ``transformers`` (and with it torch) when called; the control plane (``zeroplane train
+    estimate``), the job driver's preflight and the training workers build the model's config here.
 
     Args:
         spec: the ``model`` section.
@@ -89,18 +160,12 @@ def model_config(spec: ModelSpec, vocab_size: int, seq_len: int, bos_id: int | N
         A ``transformers.PretrainedConfig`` of type ``spec.architecture``.
 
     Raises:
-        SpecError: ``spec.architecture`` is not a transformers model type.
+        SpecError: ``spec.architecture`` is not a transformers model type, or transformers refuses a
+        ``spec.config`` value.
     """
     from transformers import AutoConfig
 
-    sizes: Dict[str, Any] = dict(PRESETS[spec.preset]) if spec.preset else {}
-    if spec.architecture != "gpt2":
-        sizes = {_GENERIC[k]: v for k, v in sizes.items()}
-        if "hidden_size" in sizes:
-            sizes.setdefault("intermediate_size", 4 * sizes["hidden_size"])
-    sizes.update(spec.config)
-    ctx_key = "n_positions" if spec.architecture == "gpt2" else "max_position_embeddings"
-    sizes.setdefault(ctx_key, seq_len)
+    sizes = _config_kwargs(spec.architecture, spec.preset, spec.config, seq_len)
     try:
         return AutoConfig.for_model(
             spec.architecture,
@@ -112,6 +177,11 @@ def model_config(spec: ModelSpec, vocab_size: int, seq_len: int, bos_id: int | N
         )
     except ValueError as e:
         raise SpecError(f"model.architecture = {spec.architecture!r}: {e}; use a transformers model type such as gpt2") from None
+    except Exception as e:  # huggingface_hub's StrictDataclass*ValidationError: a bad config value
+        if type(e).__name__.startswith("StrictDataclass"):
+            detail = " ".join(str(e).split())
+            raise SpecError(f"model.config ({spec.architecture}): {detail}; fix that key in model.config") from None
+        raise
 
 
 class TrainBPE(_Strict):
@@ -150,13 +220,24 @@ class DataSpec(_Strict):
 
     @field_validator("source")
     @classmethod
-    def _source_kind(cls, v: str) -> str:
+    def _source_kind(cls, v: str, info: ValidationInfo) -> str:
+        if v.startswith("s3://") and not v[len("s3://"):].split("/", 1)[0]:
+            raise ValueError("no bucket; use s3://bucket/key")
         if v.startswith("builtin:") and v != "builtin:pydoc":
             raise ValueError(f"unknown builtin corpus '{v}'; the only builtin is 'builtin:pydoc'")
         if v.startswith("hf:"):
             raise ValueError(
                 f"'{v}': hub datasets are not supported; download it and point `source` at local .txt/.jsonl files"
             )
+        # A local source is read by the job driver; it is checked where the spec is resolved (load_spec:
+        # `spec validate`, `train submit`), i.e. on the submitting machine. On a cluster whose nodes do not
+        # share this filesystem the file must also exist on the driver's node, which this cannot see.
+        if (info.context or {}).get("local_files") and not v.startswith(("builtin:", "s3://")):
+            pattern = os.path.expanduser(v)
+            paths = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
+            if not any(os.path.isfile(p) for p in paths):
+                raise ValueError("matches no file; give an existing .txt/.jsonl path or glob, builtin:pydoc, "
+                                 "or s3://bucket/key")
         return v
 
 
@@ -243,6 +324,15 @@ class ScalingSpec(_Strict):
                 raise ValueError(f"resources_per_worker.{k}={n} is negative; use a count >= 0")
         return v
 
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _cpu_worker_has_cpu(cls, v: Dict[str, float], info: ValidationInfo) -> Dict[str, float]:
+        cpu = v.get("CPU", 1)
+        if not info.data.get("use_gpu", False) and cpu <= 0:
+            raise ValueError(f"resources_per_worker.CPU={cpu:g} on a CPU job (use_gpu false): a worker without a "
+                             "CPU cannot run; give each worker CPU: 1 or more, or set scaling.use_gpu: true")
+        return v
+
 
 class CheckpointSpec(_Strict):
     """Where and how often checkpoints are persisted (Ray Train RunConfig/CheckpointConfig)."""
@@ -269,6 +359,13 @@ class CheckpointSpec(_Strict):
     score_attribute: Optional[str] = Field(None, description="Metric that ranks checkpoints for retention, e.g. val_loss.")
     score_order: Literal["min", "max"] = Field("min", description="Whether a lower (min) or higher (max) score is better.")
 
+
+    @field_validator("storage_path")
+    @classmethod
+    def _s3_has_bucket(cls, v: str) -> str:
+        if v.startswith("s3://") and not v[len("s3://"):].split("/", 1)[0]:
+            raise ValueError("no bucket; use s3://bucket/prefix or a local folder")
+        return v
 
     @field_validator("s3_endpoint_url")
     @classmethod

@@ -64,6 +64,23 @@ def build_train_loop_config(spec: JobSpec, job_id: str, storage: Storage) -> Dic
     }
 
 
+def preflight_model_config(spec: JobSpec) -> None:
+    """Build the model's transformers config once in the driver, before data preparation and workers.
+
+    The spec's own validation checks the config without transformers (it must not import torch); what
+    only transformers can see (e.g. a value of the wrong type for its config class) fails here, in the
+    driver, so the job ends at once: Ray Train 2.60 retries every worker-group error up to
+    ``failure.max_failures`` times (its failure policy is not configurable), errors outside ``fit()`` never.
+
+    Raises:
+        SpecError: transformers refuses ``model.architecture`` or a ``model.config`` value.
+    """
+    from ...spec.model import model_config
+
+    bpe = spec.tokenizer.train_bpe
+    model_config(spec.model, bpe.vocab_size if bpe else 50257, spec.data.seq_len, None, None)
+
+
 def build_scaling_config(spec: JobSpec):
     """Ray Train's ``ScalingConfig`` for ``spec.scaling`` (field for field; no cluster needed).
 
@@ -122,6 +139,7 @@ def main() -> int:
     started = time.time()
     result_doc: Dict[str, Any] = {"job_id": job_id, "started_at": datetime.now(timezone.utc).isoformat()}
     try:
+        preflight_model_config(spec)
         trainer = build_trainer(spec, job_id, storage, build_train_loop_config(spec, job_id, storage))
         result = trainer.fit()
         newest = latest_complete(storage, job_id)
