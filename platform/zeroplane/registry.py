@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -81,6 +82,9 @@ class Registry:
     def versions(self, name: str) -> List[Dict[str, Any]]:
         """Complete versions of ``name``, oldest first: the contents of each version's marker.
 
+        A marker that is not JSON, or does not name this model and version, makes its version count as not
+        registered (a warning names it) instead of breaking every listing.
+
         Raises:
             SpecError: ``name`` is not a model name.
         """
@@ -90,7 +94,13 @@ class Registry:
                 continue
             marker = f"{self.version_dir(name, v)}/{VERSION_MARKER}"
             if self.storage.exists(marker):
-                rec = self.storage.read_json(marker)
+                try:
+                    rec = self.storage.read_json(marker)
+                except ValueError:  # not JSON (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+                    rec = None
+                if not isinstance(rec, dict) or rec.get("name") != name or rec.get("version") != v:
+                    warnings.warn(f"ignoring {self.storage.uri_of(marker)}: not a registration marker of {name}:{v}")
+                    continue
                 rec["uri"] = self.storage.uri_of(self.version_dir(name, v))
                 out.append(rec)
         return sorted(out, key=lambda r: layout.version_number(r["version"]))

@@ -102,3 +102,29 @@ def test_a_spec_without_storage_path_uses_the_storage_every_other_command_uses(t
     plan = json.loads(run("train", "submit", TINY, "--dry-run").stdout)
     assert plan["spec"]["checkpoint"]["storage_path"] == str(tmp_path / "st")
     assert plan["storage"] == f"{tmp_path / 'st'}/jobs/{plan['job_id']}"
+
+
+def test_an_explicit_address_wins_over_ray_address(monkeypatch):
+    """Ray's clients prefer $RAY_ADDRESS to the address they are given; --address must still decide."""
+    monkeypatch.setenv("RAY_ADDRESS", "junk")
+    r = run("train", "list", "--address", "http://127.0.0.1:9")
+    assert r.exit_code == 1 and "127.0.0.1:9" in r.output and "junk" not in r.output, r.output
+    import os
+
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # restored after the client was built
+
+
+def test_one_damaged_version_marker_does_not_hide_the_other_versions(tmp_path):
+    from zeroplane.registry import Registry
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    reg = Registry(Storage.from_uri(str(tmp_path / "st")))
+    for model in ("alpha", "beta"):
+        reg.register(model, src, {"source": {"job_id": "j", "step": 1}})
+    (tmp_path / "st" / "models" / "alpha" / "v1" / "zeroplane_version.json").write_text("{not json")
+    r = run("models", "list", "-o", "json")
+    assert r.exit_code == 0, r.output
+    assert [(v["name"], v["version"]) for v in json.loads(r.stdout)] == [("beta", "v1")]
+    assert "alpha" in r.stderr and "WARNING" in r.stderr

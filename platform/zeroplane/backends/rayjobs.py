@@ -227,8 +227,11 @@ class RayJobsBackend(Backend):
             for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
                          "ray.dashboard.modules.job.sdk"):
                 logging.getLogger(name).setLevel(logging.WARNING)  # upload and websocket chatter
+            from ..cluster import exact_api_address
+
             try:
-                self._client = JobSubmissionClient(self.dashboard_url)
+                with exact_api_address(self.dashboard_url):  # not $RAY_ADDRESS: the address was resolved already
+                    self._client = JobSubmissionClient(self.dashboard_url)
             except Exception as e:
                 raise ZeroplaneError(f"cannot reach the Ray Jobs API at {self.dashboard_url}: {first_line(e)}") from None
         return self._client
@@ -411,8 +414,11 @@ class RayJobsBackend(Backend):
         """
         from ray.util.state import list_actors
 
-        actors = list_actors(address=self.dashboard_url, filters=[("job_id", "=", ray_job_id)], limit=10_000,
-                             detail=True, raise_on_missing_output=False)
+        from ..cluster import exact_api_address
+
+        with exact_api_address(self.dashboard_url):
+            actors = list_actors(address=self.dashboard_url, filters=[("job_id", "=", ray_job_id)], limit=10_000,
+                                 detail=True, raise_on_missing_output=False)
         return [a.class_name for a in actors if a.state != "DEAD" and not a.is_detached]
 
     def list(self) -> List[JobInfo]:

@@ -24,7 +24,7 @@ printed, logged or put into an error message.
 
 from __future__ import annotations
 
-from .address import load_profile, resolve_cluster
+from .address import exact_api_address, load_profile, resolve_cluster
 from .auth import _refresh_ray_auth_cache, apply_auth_env, auth_env, auth_headers
 from .launcher import launcher_command, run_launcher
 from .local import start_local_head, stop_local_head
@@ -40,6 +40,7 @@ __all__ = [
     "auth_env",
     "auth_headers",
     "cluster_status",
+    "exact_api_address",
     "launcher_command",
     "load_profile",
     "resolve_cluster",

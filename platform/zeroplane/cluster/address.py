@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
 from zeroplane.errors import SpecError, ZeroplaneError, first_line
@@ -244,3 +245,27 @@ def _resolve_candidates(candidates: list[tuple[Optional[str], str]]) -> ClusterI
     if local is not None:
         return local
     raise ZeroplaneError(_NO_CLUSTER_MESSAGE)
+
+
+#: Ray's own variable that its API clients prefer over the address they are given (then ``RAY_ADDRESS``).
+_RAY_API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
+
+
+@contextlib.contextmanager
+def exact_api_address(dashboard_url: str) -> Iterator[None]:
+    """While constructing a Ray API client, make it use exactly ``dashboard_url``.
+
+    ``JobSubmissionClient`` and ``StateApiClient`` replace the address they are given by
+    ``$RAY_API_SERVER_ADDRESS`` or ``$RAY_ADDRESS`` (``ray.dashboard.utils.get_address_for_submission_client``).
+    zeroplane has already resolved the address (``--address`` wins over ``RAY_ADDRESS``), so for the
+    duration of the block ``RAY_API_SERVER_ADDRESS`` is set to it; the variable is restored afterwards.
+    """
+    old = os.environ.get(_RAY_API_SERVER_ADDRESS)
+    os.environ[_RAY_API_SERVER_ADDRESS] = dashboard_url
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_RAY_API_SERVER_ADDRESS, None)
+        else:
+            os.environ[_RAY_API_SERVER_ADDRESS] = old
