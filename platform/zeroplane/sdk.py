@@ -767,10 +767,14 @@ def _check_writable_file(path) -> None:
 
 
 def render_rayjob(spec: JobSpec, job_id: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
-    """A KubeRay RayJob manifest for ``spec`` (:func:`zeroplane.kuberay.render_rayjob`; ``kwargs`` pass on)."""
+    """A KubeRay RayJob manifest for ``spec`` (:func:`zeroplane.kuberay.render_rayjob`; ``kwargs`` pass on).
+
+    Raises:
+        SpecError: ``job_id`` breaks the job-id rule (it becomes a storage folder name).
+    """
     from .kuberay import render_rayjob as _render
 
-    return _render(spec, job_id=job_id or new_job_id(spec.name), **kwargs)
+    return _render(spec, job_id=layout.check_job_id(job_id, "--job-id") if job_id else new_job_id(spec.name), **kwargs)
 
 
 def render_rayservice(ref: str, storage: Optional[str] = None, profile: Optional[str] = None,

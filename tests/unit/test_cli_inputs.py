@@ -128,3 +128,14 @@ def test_one_damaged_version_marker_does_not_hide_the_other_versions(tmp_path):
     assert r.exit_code == 0, r.output
     assert [(v["name"], v["version"]) for v in json.loads(r.stdout)] == [("beta", "v1")]
     assert "alpha" in r.stderr and "WARNING" in r.stderr
+
+
+@pytest.mark.parametrize("path", ["/dev/zero"])
+def test_a_spec_path_that_is_not_a_spec_file_is_refused_without_reading_it(path):
+    r = run("spec", "validate", path)
+    assert r.exit_code == 2 and "not a YAML job spec" in r.output
+
+
+def test_render_checks_the_job_id_it_is_given():
+    r = run("render", "kuberay", "rayjob", "jobs/gpt2-124m-8xgpu-zero3.yaml", "--job-id", "BAD ID/../x")
+    assert r.exit_code == 2 and "--job-id" in r.output

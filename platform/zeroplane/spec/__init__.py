@@ -28,6 +28,11 @@ _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 
 
+#: Largest spec file read, in bytes: a job spec is a page of YAML; this bounds what a mistaken path
+#: (a device, a FIFO, a data file) can make validation read.
+MAX_SPEC_BYTES = 1 << 20
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """PyYAML's safe loader without aliases (``*name``): a few hundred bytes of nested aliases expand to
     billions of nodes ("billion laughs"), and a job spec never needs them."""
@@ -179,6 +184,9 @@ def load_spec(path: str | os.PathLike, overrides: Optional[List[str]] = None) ->
     """
     p = Path(path)
     try:
+        if p.exists() and (not p.is_file() or p.stat().st_size > MAX_SPEC_BYTES):
+            raise SpecError(f"spec file {str(p)!r} is not a YAML job spec (not a regular file, or over "
+                            f"{MAX_SPEC_BYTES // 1024} KiB); give the path of one (see jobs/)")
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise SpecError(f"spec file {str(p)!r} is not UTF-8 text; give a YAML job spec (see jobs/)") from None
