@@ -4,22 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .cluster.auth import in_clear_to_another_host
 from .errors import ZeroplaneError
-
-
-def _plain_http_to_another_host(url: str) -> bool:
-    """True for an ``http://`` URL whose host is not this machine's loopback."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme != "http":
-        return False
-    host = parts.hostname or ""
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host != "localhost"
 
 
 def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0.0, seed: Optional[int] = None,
@@ -42,7 +28,7 @@ def complete(url: str, prompt: str, max_tokens: int = 32, temperature: float = 0
     """
     import openai
 
-    if api_key and _plain_http_to_another_host(url):
+    if api_key and in_clear_to_another_host(url):
         import warnings
 
         warnings.warn(f"sending an API key over plain http:// to {url}; anyone on the network path can read it "

@@ -31,6 +31,7 @@ from .storage import Storage
 # re-exported: the SDK is the CLI's one import
 from .completions import complete  # noqa: F401
 from .progress import PROGRESS_PREFIX, ProgressParser, parse_progress  # noqa: F401
+from .saved_key import api_key_path, check_writable_file, save_api_key, saved_api_key  # noqa: F401
 
 DEFAULT_STORAGE = names.DEFAULT_STORAGE
 
@@ -592,7 +593,7 @@ class Client:
         from .serve_keys import create_key, revoke_key
 
         if save:
-            _check_writable_file(api_key_path())
+            check_writable_file(api_key_path())
         st = self.storage(storage)
         key, rec = create_key(st.uri, name)
         if not save:
@@ -712,58 +713,6 @@ def cluster_launcher(action: str, config: str) -> None:
     from .cluster import run_launcher
 
     run_launcher(action, config)
-
-
-def api_key_path():
-    """``<zeroplane home>/api_key``: where ``serve keys create --save`` keeps a key for ``complete``."""
-    from .cluster import state_dir
-
-    try:
-        return state_dir() / "api_key"
-    except OSError as e:
-        raise ZeroplaneError(f"zeroplane's folder cannot be used: {e.strerror or e} ({e.filename}); set "
-                             f"{names.ENV_HOME} to a folder of your own") from None
-
-
-def save_api_key(key: str):
-    """Write ``key`` to :func:`api_key_path` (mode 0600, atomically); returns the path."""
-    from .storage import write_file_atomic
-
-    path = api_key_path()
-    write_file_atomic(path, (key + "\n").encode(), mode=0o600)
-    return path
-
-
-def saved_api_key() -> Optional[str]:
-    """The key saved by :func:`save_api_key`, or None.
-
-    Raises:
-        ZeroplaneError: the file exists but is not a readable text file.
-    """
-    path = api_key_path()
-    if not path.exists():
-        return None
-    try:
-        return path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ZeroplaneError(f"cannot read the saved API key {path}: {getattr(e, 'strerror', None) or e}; "
-                             "recreate it with `zeroplane serve keys create --save` or pass --api-key") from None
-
-
-def _check_writable_file(path) -> None:
-    """Refuse a destination that cannot become a regular file: a folder there, or a parent that is a file.
-
-    Raises:
-        ZeroplaneError: naming the path and the problem.
-    """
-    if path.is_dir():
-        raise ZeroplaneError(f"{path} is a folder; cannot save a key there (set ZEROPLANE_HOME to a folder of your own)")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir() or not os.access(parent, os.W_OK):
-                raise ZeroplaneError(f"cannot save a key under {parent}: not a writable folder "
-                                     "(set ZEROPLANE_HOME to a folder of your own)")
-            return
 
 
 def render_rayjob(spec: JobSpec, job_id: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:

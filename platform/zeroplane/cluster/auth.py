@@ -133,6 +133,18 @@ def _is_loopback_host(host: str) -> bool:
     return (mapped or addr).is_loopback
 
 
+def in_clear_to_another_host(url: str) -> bool:
+    """True when ``url`` is plain ``http://`` to a host other than this machine's loopback, i.e. a secret
+    sent there (the Ray token, a serving API key) can be read on the network path. A malformed URL: False
+    (whoever parses it next says what is wrong)."""
+    try:
+        parsed = urlparse(url.strip())
+        host = parsed.hostname
+    except ValueError:
+        return False
+    return parsed.scheme.lower() == "http" and bool(host) and not _is_loopback_host(host)
+
+
 def warn_if_token_in_clear(url: str) -> bool:
     """Warn (once per process) when the Ray token is about to be sent to ``url`` in clear text.
 
@@ -151,12 +163,7 @@ def warn_if_token_in_clear(url: str) -> bool:
         ZeroplaneError: the token file is readable by others and is not ours to tighten.
     """
     global _warned_token_in_clear
-    try:
-        parsed = urlparse(url.strip())
-        host = parsed.hostname
-    except ValueError:  # a malformed URL: whoever parses it next says what is wrong
-        return False
-    if parsed.scheme.lower() != "http" or not host or _is_loopback_host(host):
+    if not in_clear_to_another_host(url):
         return False
     if _read_token() is None:
         return False
@@ -166,7 +173,7 @@ def warn_if_token_in_clear(url: str) -> bool:
             "the Ray token goes to %s over plain http://, readable by anyone on the network path; "
             "reach the dashboard over https:// or through an SSH tunnel (`ray dashboard CONFIG`, then "
             "http://127.0.0.1:8265)",
-            f"{parsed.scheme}://{parsed.netloc}",
+            f"http://{urlparse(url.strip()).netloc}",
         )
     return True
 
