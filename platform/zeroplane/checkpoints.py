@@ -3,7 +3,10 @@
 A zeroplane checkpoint is one Ray Train checkpoint folder ``<root>/jobs/<job_id>/checkpoint_<tag>``
 (tag ``step_0000100``); its folder and file names, and what each holds, are :mod:`zeroplane.layout`'s.
 It counts only when the marker (:data:`MARKER`, written last) exists and every file it lists is present
-with that size.
+with that size. The marker also records each file's SHA-256, hashed on the worker before the upload
+(:mod:`zeroplane.digests`); listings check sizes only, and whoever downloads a checkpoint (promotion,
+resume) checks its copy against the hashes with :func:`check_local_copy`. Markers of format 1 (before
+hashes were recorded) are checked by size alone.
 
 ``MARKER``, ``tag_for_step``, ``dir_name_for_step`` and ``step_of`` are re-exported from
 :mod:`zeroplane.layout`.
@@ -15,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from . import layout
+from .digests import check_folder
 from .layout import CHECKPOINT_MARKER as MARKER
 from .layout import dir_name_for_step, step_of, tag_for_step
 from .storage import Storage
 
 __all__ = ["MARKER", "tag_for_step", "dir_name_for_step", "step_of", "CheckpointInfo", "build_marker",
-           "inspect_checkpoint", "list_checkpoints", "latest_complete"]
+           "inspect_checkpoint", "list_checkpoints", "latest_complete", "check_local_copy"]
 
 
 @dataclass
@@ -61,16 +65,36 @@ class CheckpointInfo:
         }
 
 
-def build_marker(files: Dict[str, int], meta: Dict[str, Any]) -> Dict[str, Any]:
-    """The marker document: ``files`` ({relative path: bytes}) plus step and metrics from ``meta``."""
+def build_marker(files: Dict[str, int], meta: Dict[str, Any],
+                 sha256: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """The marker document: ``files`` ({relative path: bytes}), ``sha256`` ({relative path: hex}, format
+    2; files without one, e.g. the digest files themselves, are checked by size), step and metrics from
+    ``meta``."""
     return {
-        "format": 1,
+        "format": 2 if sha256 is not None else 1,
         "step": meta.get("step"),
         "tag": meta.get("tag"),
         "metrics": meta.get("metrics", {}),
         "created_at": meta.get("created_at"),
         "files": dict(sorted(files.items())),
+        "sha256": dict(sorted((sha256 or {}).items())),
     }
+
+
+def check_local_copy(storage: Storage, path: str, local: str) -> int:
+    """Check a downloaded checkpoint folder ``local`` against the marker of ``path`` in ``storage``.
+
+    Every file with a recorded SHA-256 must be in ``local`` with the recorded size and hash.
+
+    Returns:
+        Bytes hashed (0 for a format-1 marker, which records no hashes).
+
+    Raises:
+        ZeroplaneError: a file differs (named; see :func:`zeroplane.digests.check_folder`).
+    """
+    marker = storage.read_json(f"{path.rstrip('/')}/{MARKER}")
+    return check_folder(local, marker.get("sha256") or {}, f"checkpoint {storage.uri_of(path)}",
+                        sizes=marker.get("files") or {})
 
 
 def inspect_checkpoint(storage: Storage, job_id: str, path: str) -> CheckpointInfo:

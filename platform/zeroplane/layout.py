@@ -7,8 +7,9 @@ Layout under a storage root (a local folder or ``s3://bucket/prefix``)::
     jobs/<job_id>/                     Ray Train run folder (RunConfig storage_path=<root>/jobs, name=<job_id>)
       zeroplane_result.json            the driver's final result (status, steps, losses), written at the end
       checkpoint_step_0000100/         one Ray checkpoint (see below)
+      tensorboard/                     rank 0's TensorBoard event files, one file per run attempt
     models/<name>/v<N>/                registered model versions (plain Hugging Face folders)
-      zeroplane_version.json           registration marker, written last
+      zeroplane_version.json           registration marker, written last (each file's size and SHA-256)
     models/<name>/.claims/v<N>         version N taken by one promotion (created if absent, before the upload)
     serve/api_keys.json                hashed serving API keys
     serve/api_keys.json.lock           local storage only: the lock every key-file update holds
@@ -20,9 +21,11 @@ One checkpoint folder ``checkpoint_step_0000100/``::
     ds/latest                          DeepSpeed's pointer to <tag>
     hf/                                model config + tokenizer files (a Hugging Face folder without weights)
     rng/rank_<r>.pt                    each rank's RNG state (exact resume)
+    digests/rank_<r>.json              size and SHA-256 of each file rank r wrote, hashed before its upload
     probe.json, probe.safetensors      probe input ids; their eval-mode logits
     meta.json                          step, tag, data position, metrics, zero_stage, world_size, spec
-    zeroplane_complete.json            the completion marker: written last, lists every file and its size
+    zeroplane_complete.json            the completion marker: written last, lists every file with its size
+                                       and SHA-256 (from digests/)
 
 Functions return paths relative to the root, joined with ``/``; ``Storage.path(rel)`` makes them absolute.
 Every name a user gives (a job id here, a model name in :mod:`zeroplane.registry`) is checked before it
@@ -44,6 +47,8 @@ CHECKPOINT_MARKER = "zeroplane_complete.json"
 VERSION_MARKER = "zeroplane_version.json"
 KEYS_FILE = "serve/api_keys.json"
 TOKENIZER_CACHE_DIR = "cache/tokenizers"
+#: A job's TensorBoard event files, inside its run folder.
+TENSORBOARD_DIR = "tensorboard"
 #: Written and deleted by the submit preflight to prove the root is writable.
 PREFLIGHT_FILE = ".zeroplane-preflight"
 
@@ -52,6 +57,7 @@ CKPT_DEEPSPEED_DIR = "ds"
 CKPT_HF_DIR = "hf"
 CKPT_RNG_DIR = "rng"
 CKPT_META = "meta.json"
+CKPT_DIGESTS_DIR = "digests"
 #: The probe: its input ids, and the logits the model gave for them when the checkpoint was taken.
 CKPT_PROBE_IDS, CKPT_PROBE_LOGITS = "probe.json", "probe.safetensors"
 
@@ -95,6 +101,15 @@ def job_dir(job_id: str) -> str:
 def result_file(job_id: str) -> str:
     """``jobs/<job_id>/zeroplane_result.json``."""
     return f"{job_dir(job_id)}/{RESULT_FILE}"
+
+
+def tensorboard_dir(job_id: str) -> str:
+    """``jobs/<job_id>/tensorboard``: the job's TensorBoard event files (one per run attempt).
+
+    Raises:
+        SpecError: ``job_id`` breaks :data:`JOB_ID_RULE`.
+    """
+    return f"{job_dir(job_id)}/{TENSORBOARD_DIR}"
 
 
 def tag_for_step(step: int) -> str:

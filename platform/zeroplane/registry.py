@@ -14,18 +14,20 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import layout
+from .digests import check_folder, folder_digests, sha256_map, size_map
 from .errors import NotFoundError, SpecError, ZeroplaneError
 from .layout import VERSION_MARKER
 from .names import NAME_RE, check_name
 from .storage import Storage
 
-__all__ = ["VERSION_MARKER", "Registry", "check_model_name", "parse_ref"]
+__all__ = ["VERSION_MARKER", "Registry", "check_model_name", "parse_ref", "check_version_folder"]
 
 
 def check_model_name(name: str) -> str:
@@ -122,6 +124,33 @@ class Registry:
                 return rec
         raise NotFoundError(f"model {name}:{version} not found; versions: {', '.join(r['version'] for r in vs)}")
 
+    def check_files(self, rec: Dict[str, Any]) -> None:
+        """Check a version's files in storage against its marker, before any replica is asked to load it.
+
+        Sizes are checked by listing (no read); on local storage each file's SHA-256 is checked too (S3
+        objects would have to be downloaded: the replica checks its copy, :func:`check_version_folder`).
+
+        Args:
+            rec: the version's marker as :meth:`get` returns it.
+
+        Raises:
+            ZeroplaneError: a file is missing, of another size, or (local storage) of another content;
+                the message names the files.
+        """
+        dest = self.version_dir(rec["name"], rec["version"])
+        what = f"model {rec['name']}:{rec['version']} at {self.storage.uri_of(dest)}"
+        sizes = rec.get("files") or {}
+        if self.storage.is_local:
+            check_folder(dest, rec.get("sha256") or {}, what, sizes=sizes)
+            return
+        landed = self.storage.list_files(dest)
+        bad = [f"{rel} ({landed.get(rel)} bytes, marker says {size})" for rel, size in sorted(sizes.items())
+               if landed.get(rel) != size]
+        if bad:
+            raise ZeroplaneError(f"{what}: {'; '.join(bad[:5])} does not match its completion marker; the data "
+                                 "was altered or landed short after the marker was written. Deploy another "
+                                 "version, or promote the checkpoint again")
+
     def next_version(self, name: str) -> str:
         """The next free version label: above every version folder (unfinished ones too) and every claim.
 
@@ -159,21 +188,32 @@ class Registry:
             local_dir: local folder (config.json, model.safetensors, tokenizer files).
             record: provenance and verification details stored in the marker.
 
+        The marker records each file's size and SHA-256 as hashed from ``local_dir`` before the upload
+        (``files``, ``sha256``), and the seconds spent hashing and uploading (``registration``).
+
         Returns:
             The marker contents plus ``uri``.
 
         Raises:
             SpecError: ``name`` is not a model name (nothing is written).
-            ZeroplaneError: the upload failed (the partial folder and the claim of its number are removed
-                again; nothing else is touched).
+            ZeroplaneError: the upload failed or landed short (the partial folder and the claim of its
+                number are removed again; nothing else is touched).
         """
         check_model_name(name)
+        started = time.perf_counter()
+        digests = folder_digests(local_dir)
+        hashed = time.perf_counter()
         version = self._claim(name)
         dest = self.version_dir(name, version)
         try:
             self.storage.upload_dir(local_dir, dest)
-            files = self.storage.list_files(dest)
-            rec = {**record, "name": name, "version": version, "files": files,
+            meant, landed = size_map(digests), self.storage.list_files(dest)
+            short = sorted(rel for rel, size in meant.items() if landed.get(rel) != size)
+            if short:
+                raise ZeroplaneError(f"{', '.join(short[:5])} did not land with the size uploaded")
+            rec = {**record, "name": name, "version": version, "files": meant, "sha256": sha256_map(digests),
+                   "registration": {"bytes": sum(meant.values()), "hash_s": round(hashed - started, 4),
+                                    "upload_s": round(time.perf_counter() - hashed, 4)},
                    "registered_at": datetime.now(timezone.utc).isoformat()}
             self.storage.write_json(f"{dest}/{VERSION_MARKER}", rec)
         except Exception as e:
@@ -184,3 +224,25 @@ class Registry:
             raise ZeroplaneError(f"registering {name}:{version} in {self.storage.uri} failed: {e}") from e
         rec["uri"] = self.storage.uri_of(dest)
         return rec
+
+
+def check_version_folder(local_dir: str | Path, uri: str) -> int:
+    """Check a version folder about to be loaded (a replica's download, or the local storage folder)
+    against the marker inside it: every recorded file present with its size and SHA-256.
+
+    Args:
+        local_dir: the folder holding ``zeroplane_version.json`` and the model files.
+        uri: where it came from, for the message.
+
+    Returns:
+        Bytes hashed (0 for a folder without a marker or with a marker that records no hashes: a plain
+        Hugging Face folder served directly, or a version registered before hashes were recorded).
+
+    Raises:
+        ZeroplaneError: a file differs from the marker (named; see :func:`zeroplane.digests.check_folder`).
+    """
+    marker = Path(local_dir) / VERSION_MARKER
+    if not marker.is_file():
+        return 0
+    rec = json.loads(marker.read_text())
+    return check_folder(local_dir, rec.get("sha256") or {}, f"model version {uri}", sizes=rec.get("files") or {})

@@ -480,13 +480,15 @@ class Client:
         Raises:
             NotFoundError: no such version; or a canary with no running application to split with.
             SpecError: a bad override or percent.
-            ZeroplaneError: Serve rejected the config or the rollout did not finish in time.
+            ZeroplaneError: the version's files do not match its marker (:meth:`Registry.check_files`), Serve
+                rejected the config or the rollout did not finish in time.
         """
         from .serving import app_config
 
         st = self.storage(storage)
         reg = Registry(st)
         rec = reg.get(name, version)
+        reg.check_files(rec)  # a damaged version is refused before any replica tries to load it
         sc = self.serve_client()
         if canary_percent is None:
             if progress:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from zeroplane.checkpoints import list_checkpoints
+from zeroplane.digests import sha256_file
 from zeroplane.spec import load_spec
 from zeroplane.storage import Storage
 
@@ -57,6 +58,11 @@ def test_every_rank_shard_in_one_checkpoint(trained):
         assert name in files
     marker = json.loads(Path(cks[-1].path, "zeroplane_complete.json").read_text())
     assert {k: v for k, v in files.items() if k != "zeroplane_complete.json"} == marker["files"]
+    # every file but the digests themselves carries the SHA-256 its rank hashed before the upload
+    assert set(marker["sha256"]) == {k for k in marker["files"] if not k.startswith("digests/")}
+    assert {f"digests/rank_{r}.json" for r in range(spec.scaling.num_workers)} <= set(files)
+    for rel, digest in marker["sha256"].items():
+        assert sha256_file(Path(cks[-1].path, rel)) == digest, rel
 
 
 def test_consolidated_model_matches_live_logits(trained, tmp_path):

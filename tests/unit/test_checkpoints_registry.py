@@ -74,7 +74,7 @@ def test_build_marker_lists_files_and_meta():
     m = build_marker({"b": 2, "a": 1}, {"step": 5, "tag": "step_0000005", "metrics": {"val_loss": 1.0},
                                         "created_at": "t", "other": "ignored"})
     assert m == {"format": 1, "step": 5, "tag": "step_0000005", "metrics": {"val_loss": 1.0}, "created_at": "t",
-                 "files": {"a": 1, "b": 2}}
+                 "files": {"a": 1, "b": 2}, "sha256": {}}
     assert list(m["files"]) == ["a", "b"]
     json.dumps(m)
 

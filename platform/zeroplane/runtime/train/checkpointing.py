@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
 from ... import layout
-from ...checkpoints import build_marker, inspect_checkpoint, latest_complete
+from ...checkpoints import build_marker, check_local_copy, inspect_checkpoint, latest_complete
+from ...digests import folder_digests, sha256_map, size_map
 from ...errors import ZeroplaneError
 from ...storage import Storage
 
@@ -20,8 +21,27 @@ def save_extras(local: str, rank: int, step: int, tag: str, metrics: Dict[str, A
 
     Every rank writes its RNG state (``rng/rank_<r>.pt``); rank 0 also writes ``hf/`` (config and
     tokenizer), ``probe.json`` + ``probe.safetensors`` (logits ``[1, PROBE_TOKENS, vocab]`` fp32) and
-    ``meta.json`` (``extra`` keys, e.g. ``loss_curve``, are merged into it).
+    ``meta.json`` (``extra`` keys, e.g. ``loss_curve``, are merged into it). Last, every rank records the
+    size and SHA-256 of each file of its folder (DeepSpeed's shards included) in
+    ``digests/rank_<r>.json``: what this rank meant to upload, which :func:`write_marker` puts in the marker.
     """
+    _save_files(local, rank, step, tag, metrics, spec, world, job_id, tokenizer, model_cfg, probe_ids,
+                probe_logits, consumed_micro_batches, extra)
+    write_rank_digests(local, rank)
+
+
+def write_rank_digests(local: str, rank: int) -> None:
+    """Write ``digests/rank_<rank>.json``: :func:`zeroplane.digests.folder_digests` of the local
+    checkpoint folder ``local`` (the ``digests/`` folder itself left out)."""
+    digests = folder_digests(local, skip=(layout.CKPT_DIGESTS_DIR,))
+    os.makedirs(os.path.join(local, layout.CKPT_DIGESTS_DIR), exist_ok=True)
+    with open(os.path.join(local, layout.CKPT_DIGESTS_DIR, f"rank_{rank}.json"), "w") as f:
+        json.dump(digests, f)
+
+
+def _save_files(local: str, rank: int, step: int, tag: str, metrics: Dict[str, Any], spec, world: int,
+                job_id: str, tokenizer, model_cfg, probe_ids, probe_logits, consumed_micro_batches: int,
+                extra: Optional[Dict[str, Any]]) -> None:
     import random
 
     import numpy as np
@@ -59,16 +79,25 @@ def save_extras(local: str, rank: int, step: int, tag: str, metrics: Dict[str, A
 def write_marker(persisted, metrics: Dict[str, Any]) -> None:
     """Write the completion marker into a persisted Ray checkpoint (``ray.train.Checkpoint``).
 
-    Lists every file now in the checkpoint with its size; called by rank 0 after all ranks' uploads.
+    Called by rank 0 after all ranks' uploads. Each file's size and SHA-256 come from the ranks'
+    ``digests/rank_<r>.json`` (what each rank meant to upload, hashed before the upload), so a file that
+    landed short makes the checkpoint incomplete instead of being blessed; the digest files themselves
+    are listed with the size found.
     """
     import pyarrow.fs as pafs
 
     fs, path = persisted.filesystem, persisted.path.rstrip("/")
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = {os.path.relpath(i.path, path): i.size for i in infos if i.type == pafs.FileType.File}
+    meant: Dict[str, Dict[str, Any]] = {}
+    for rel in sorted(files):
+        if rel.startswith(layout.CKPT_DIGESTS_DIR + "/"):
+            with fs.open_input_stream(f"{path}/{rel}") as f:
+                meant.update(json.loads(f.read()))
+    files.update(size_map(meant))
     with fs.open_input_stream(f"{path}/{layout.CKPT_META}") as f:
         meta = json.loads(f.read())
-    body = json.dumps(build_marker(files, {**meta, "metrics": metrics}), indent=2).encode()
+    body = json.dumps(build_marker(files, {**meta, "metrics": metrics}, sha256=sha256_map(meant)), indent=2).encode()
     with fs.open_output_stream(f"{path}/{layout.CHECKPOINT_MARKER}") as f:
         f.write(body)
 
@@ -105,7 +134,8 @@ def load(engine, storage: Storage, path: str, rank: int, world: int,
         ``meta.json``.
 
     Raises:
-        ZeroplaneError: the checkpoint was written by a different number of ranks.
+        ZeroplaneError: the checkpoint was written by a different number of ranks, or a downloaded file
+            does not match the size and SHA-256 its marker recorded (:func:`zeroplane.checkpoints.check_local_copy`).
     """
     import random
 
@@ -119,6 +149,7 @@ def load(engine, storage: Storage, path: str, rank: int, world: int,
             f"resume with scaling.num_workers={meta['world_size']}"
         )
     local = storage.download_dir(path, os.path.join(work, "resume"))
+    check_local_copy(storage, path, local)
     engine.load_checkpoint(str(local / layout.CKPT_DEEPSPEED_DIR), tag=meta["tag"], load_optimizer_states=True,
                            load_lr_scheduler_states=True)
     rng = torch.load(local / layout.CKPT_RNG_DIR / f"rank_{rank}.pt", weights_only=False)
