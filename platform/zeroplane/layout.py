@@ -12,6 +12,7 @@ Layout under a storage root (a local folder or ``s3://bucket/prefix``)::
       zeroplane_version.json           registration marker, written last (each file's size and SHA-256)
     models/<name>/.claims/v<N>         version N taken by one promotion (created if absent, before the upload)
     serve/api_keys.json                hashed serving API keys
+    serve/history/<name>.json          every rollout of application <name>: from, to, outcome (zeroplane.releases)
     serve/api_keys.json.lock           local storage only: the lock every key-file update holds
     cache/tokenizers/<sha256>.json     BPE tokenizers trained by earlier jobs, by corpus + settings
 
@@ -159,6 +160,11 @@ def version_number(version: str) -> Optional[int]:
     """N of a version folder name ``vN``, or None for other names."""
     m = _VERSION_RE.fullmatch(version)
     return int(m.group(1)) if m else None
+
+
+def serve_history_file(name: str) -> str:
+    """``serve/history/<name>.json``: the deployment history of application ``name`` (a checked model name)."""
+    return f"serve/history/{name}.json"
 
 
 def tokenizer_cache_file(key: str) -> str:

@@ -74,6 +74,7 @@ class JobStatus:
         val_loss_step0: validation loss before training, or None.
         val_loss: the newest validation loss, or None.
         result: the driver's ``zeroplane_result.json`` once the job ended (None before, or if unreadable).
+        loss_curve: ``[[step, train loss], …]`` of this submission's ``step`` events, in order.
     """
 
     info: JobInfo
@@ -81,6 +82,7 @@ class JobStatus:
     val_loss_step0: Optional[float] = None
     val_loss: Optional[float] = None
     result: Optional[Dict[str, Any]] = None
+    loss_curve: List[List[float]] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -88,9 +90,10 @@ class JobStatus:
         return self.info.status
 
     def to_dict(self) -> Dict[str, Any]:
-        """The backend's fields flattened, plus ``progress``, ``val_loss_step0``, ``val_loss``, ``result``."""
+        """The backend's fields flattened, plus ``progress``, ``val_loss_step0``, ``val_loss``, ``result``,
+        ``loss_curve``."""
         return {**self.info.to_dict(), "progress": self.progress, "val_loss_step0": self.val_loss_step0,
-                "val_loss": self.val_loss, "result": self.result}
+                "val_loss": self.val_loss, "result": self.result, "loss_curve": self.loss_curve}
 
 
 @dataclass
@@ -201,6 +204,8 @@ class ServeApp:
         versions: ``[{"version", "weight_percent", "deployment", "status", "replicas": {state: count},
             "running_replicas", "autoscaling", "requests", "errors"}]``, stable first; ``requests`` and
             ``errors`` are None when Ray's metrics export could not be read.
+        last_change: the newest entry of its deployment history (``{"id", "at", "command", "from", "to",
+            "outcome", "reason", "restored", "decision_s"}``; see :mod:`zeroplane.releases`), or None.
     """
 
     name: str
@@ -208,6 +213,7 @@ class ServeApp:
     url: str
     route_prefix: Optional[str] = None
     versions: List[Dict[str, Any]] = field(default_factory=list)
+    last_change: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict."""

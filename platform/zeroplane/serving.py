@@ -151,6 +151,17 @@ class ServeClient:
         Raises:
             ZeroplaneError: the application failed to deploy or did not become RUNNING in time.
         """
+        self.apply(app)
+        canary = (app["args"].get("canary") or {}).get("version")
+        return self.wait_running(app["name"], app["args"]["version"], timeout_s, progress, canary_version=canary)
+
+    def apply(self, app: Dict[str, Any]) -> None:
+        """Send one application's config to Serve (the other applications' configs carried over) without
+        waiting; :mod:`zeroplane.releases` watches what follows.
+
+        Raises:
+            ZeroplaneError: Serve rejected the config.
+        """
         current = self.applications()
         apps: List[Dict[str, Any]] = []
         for name, d in current.items():
@@ -162,8 +173,16 @@ class ServeClient:
             self.client.deploy_applications(config)
         except Exception as e:
             raise ZeroplaneError(f"Serve rejected the deployment of {app['name']}: {first_line(e)}") from None
-        canary = (app["args"].get("canary") or {}).get("version")
-        return self.wait_running(app["name"], app["args"]["version"], timeout_s, progress, canary_version=canary)
+
+    def node_resources(self) -> Optional[List[Dict[str, float]]]:
+        """Each alive node's total resources (``{"CPU": n, …}``), from ``ray.util.state``; None when they
+        cannot be read (the fit check is then left to Serve's own report)."""
+        from .cluster.status import node_resources
+
+        try:
+            return node_resources(self.dashboard_url)
+        except Exception:
+            return None
 
     def wait_running(self, name: str, version: str, timeout_s: float,
                      progress: Optional[Callable[[str], None]] = None,

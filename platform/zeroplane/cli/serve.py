@@ -1,4 +1,4 @@
-"""``zeroplane serve status|deploy|rollback|delete`` and ``zeroplane serve keys create|list|revoke``."""
+"""``zeroplane serve status|deploy|rollback|history|delete`` and ``zeroplane serve keys create|list|revoke``."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ def serve() -> None:
 
 @serve.command("status")
 @click.option("--no-requests", is_flag=True, help="Skip the request counts (read from Ray's metrics export).")
+@STORAGE
 @CLUSTER_READ
-def serve_status(zp, no_requests, output) -> None:
-    """Applications: versions and traffic weights, replicas, requests and errors per version."""
-    rows = zp.client.serve_status(with_requests=not no_requests)
+def serve_status(zp, no_requests, storage, output) -> None:
+    """Applications: versions and traffic weights, replicas, requests and errors per version, and what the
+    last change of each did."""
+    rows = zp.client.serve_status(with_requests=not no_requests, storage=storage)
     if output == "json":
         return emit_json(rows)
     if not rows:
@@ -36,6 +38,40 @@ def serve_status(zp, no_requests, output) -> None:
                         "-" if v.get("requests") is None else int(v["requests"]),
                         "-" if v.get("errors") is None else int(v["errors"]), r.url])
     table(None, ["app", "version", "weight", "status", "replicas", "min..max", "requests", "errors", "url"], out)
+    for r in rows:
+        if r.last_change:
+            click.echo(f"{r.name}: last change #{r.last_change['id']} {_change_line(r.last_change)}")
+
+
+def _change_line(e) -> str:
+    """One history entry as ``v1 -> v2: failed after 3.1s (reason); v1 is serving again, as before``."""
+    from ..sdk import describe_state
+
+    line = f"{describe_state(e.get('from'))} -> {describe_state(e.get('to'))} ({e.get('command')}, {str(e.get('at'))[:19]}): "
+    line += str(e.get("outcome"))
+    if e.get("decision_s") is not None:
+        line += f" after {e['decision_s']}s"
+    if e.get("reason"):
+        line += f": {e['reason']}"
+    if e.get("restored"):
+        line += f"; {e['restored']}"
+    return line
+
+
+@serve.command("history")
+@click.argument("name")
+@STORAGE
+@OUTPUT
+@pass_zp
+def serve_history(zp, name, storage, output) -> None:
+    """Every recorded rollout of NAME: from, to, command, outcome, and what was restored (oldest first)."""
+    entries = zp.client.serve_history(name, storage=storage)
+    if output == "json":
+        return emit_json(entries)
+    if not entries:
+        click.echo(f"no recorded rollouts of {name}")
+    for e in entries:
+        click.echo(f"#{e.get('id')} {_change_line(e)}")
 
 
 @serve.command("deploy")
@@ -64,8 +100,8 @@ def serve_deploy(zp, ref, storage, canary, no_auth, **autoscaling) -> None:
 @STORAGE
 @CLUSTER_READ
 def serve_rollback(zp, name, storage, output) -> None:
-    """Undo the last rollout of NAME: drop a canary, else deploy the version registered before the
-    running one (in place, without dropping requests)."""
+    """Return NAME to what it served before the last change that took effect (from its recorded history;
+    in place, without dropping requests)."""
     res = zp.client.rollback(name, storage=storage, progress=lambda m: err(f"  {m}"))
     if output == "json":
         return emit_json(res)

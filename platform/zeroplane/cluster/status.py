@@ -142,3 +142,15 @@ def _node_row(node: Any) -> dict[str, Any]:
         "cpus": float(resources.get("CPU", 0) or 0),
         "gpus": float(resources.get("GPU", 0) or 0),
     }
+
+
+def node_resources(dashboard_url: str) -> list[dict[str, float]]:
+    """Each alive node's total resources (``{"CPU": n, "GPU": n, "memory": bytes, …}``), through the
+    state API (``ray.util.state``) with the auth header.
+
+    Raises:
+        Exception: whatever the state API raises when the dashboard cannot be reached.
+    """
+    nodes = _list(_state_client(dashboard_url), "NODES")
+    return [{k: float(v) for k, v in (getattr(n, "resources_total", None) or {}).items()}
+            for n in nodes if str(n.state).upper() == "ALIVE"]
