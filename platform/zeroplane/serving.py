@@ -82,6 +82,7 @@ def app_config(name: str, version: Dict[str, Any], storage_uri: str, serve_defau
         "max_tokens_cap": s["max_tokens_cap"],
         "max_batch_size": o.get("max_batch_size", s["max_batch_size"]),
         "batch_wait_timeout_s": s["batch_wait_timeout_s"],
+        "engine": s["engine"],
     }
     deployments = [{"name": DEPLOYMENT, **deployment}]
     if canary is not None:

@@ -424,8 +424,8 @@ class ServeSpec(_Strict):
     """Defaults used by `zeroplane promote` when it deploys a version with Ray Serve.
 
     The single source of the serving defaults and bounds: the Serve application's arguments
-    (``zeroplane.runtime.serve.app.ServeAppArgs``) take ``auth``, ``max_tokens_cap``, ``max_batch_size``
-    and ``batch_wait_timeout_s`` from these fields.
+    (``zeroplane.runtime.serve.protocol.ServeAppArgs``) take ``auth``, ``max_tokens_cap``, ``max_batch_size``,
+    ``batch_wait_timeout_s`` and ``engine`` from these fields.
     """
 
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Ray Serve autoscaling_config.")
@@ -433,8 +433,13 @@ class ServeSpec(_Strict):
         default_factory=lambda: {"num_cpus": 0.5},
         description="Ray actor options of each replica, only " + ", ".join(REPLICA_ACTOR_OPTIONS) + ".")
     max_tokens_cap: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
-    max_batch_size: int = Field(8, ge=1, description="Requests batched into one generate call per replica.")
+    max_batch_size: int = Field(8, ge=1, description="Most requests in one forward pass of a replica (engine "
+                                                     "continuous: the running batch; generate: one generate call).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a replica waits to fill a batch.")
+    engine: Literal["continuous", "generate"] = Field(
+        "continuous", description="Generation engine of each replica: 'continuous' (transformers' continuous "
+                                  "batching: every request, greedy or sampled, streaming or not, in one running "
+                                  "batch) or 'generate' (batched generate for greedy non-streaming requests only).")
     auth: bool = Field(True, description="Require a bearer API key (zeroplane serve keys create). Only true in a "
                                          "job spec: keys are turned off at deploy time (--no-auth), never by a spec.")
 

@@ -150,6 +150,11 @@ class _Replica:
     def __init__(self, args: dict, canary: Any = None) -> None:
         self._core = ModelCore.load(args, canary)
 
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core._engine.shutdown()
+
     def check_health(self) -> None:
         """Serve's replica health check: raises (so Serve replaces the replica) while the engine is wedged or
         a key store read hangs."""

@@ -112,8 +112,8 @@ class ServeAppArgs(BaseModel):
     batch_wait_timeout_s: float = _serve_spec_field(
         "batch_wait_timeout_s", "Seconds a replica waits to fill a batch before generating."
     )
-    engine: Literal["generate"] = Field(
-        "generate", description="Generation engine of each replica (see zeroplane.runtime.serve.engine)."
+    engine: Literal["continuous", "generate"] = _serve_spec_field(
+        "engine", "Generation engine of each replica (see zeroplane.runtime.serve.engine)."
     )
     key_cache_ttl_s: float = Field(
         5.0, ge=0, description="Seconds a replica keeps the API key file before re-reading it."
