@@ -120,3 +120,34 @@ def test_rollback_follows_the_recorded_history(head):
     assert _ask(url, key).json()["model"] == "tiny:v2"
     outcomes = [(e["command"], e["outcome"]) for e in zp.serve_history("tiny", storage=storage)]
     assert ("serve deploy tiny:v3", "failed") in outcomes and outcomes[-1] == ("serve rollback tiny", "running")
+
+
+def test_models_gc_removes_exactly_what_no_endpoint_needs(head, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from zeroplane.cli.main import main
+    from zeroplane.registry import Registry
+    from zeroplane.storage import Storage
+
+    zp, storage, key = head
+    reg = Registry(Storage.from_uri(storage))
+    for seed in (5, 6, 7):  # with v3 (broken) and v4 (unschedulable): five versions nobody serves
+        reg.register("tiny", tiny_version(tmp_path / f"model-{seed}", seed), {"source": {"job_id": "test", "step": seed}})
+    url = zp.deploy("tiny", "v1", storage=storage, overrides=SMALL)
+    zp.deploy("tiny", "v2", storage=storage, canary_percent=10)
+    dry = CliRunner().invoke(main, ["models", "gc", "tiny", "--storage", storage, "-o", "json"])
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.output)
+    assert sorted(r["version"] for r in plan["collect"]) == ["v3", "v4", "v5", "v6", "v7"] and plan["deleted"] == []
+    assert [r["version"] for r in reg.versions("tiny")] == [f"v{i}" for i in range(1, 8)]  # a dry run deletes nothing
+    done = CliRunner().invoke(main, ["models", "gc", "tiny", "--yes", "--storage", storage, "-o", "json"])
+    assert sorted(json.loads(done.output)["deleted"]) == ["tiny:v3", "tiny:v4", "tiny:v5", "tiny:v6", "tiny:v7"]
+    assert [r["version"] for r in reg.versions("tiny")] == ["v1", "v2"]
+    assert {_ask(url, key).json()["model"] for _ in range(10)} <= {"tiny:v1", "tiny:v2"}
+    pinned = requests.post(f"{url}/v1/completions", json={"prompt": "the", "max_tokens": 1, "model": "tiny:v2"},
+                           headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    assert pinned.json()["model"] == "tiny:v2"  # the canary still answers
+    shown = CliRunner().invoke(main, ["models", "show", "tiny:v2", "--storage", storage, "-o", "json"])
+    assert [e["outcome"] for e in json.loads(shown.output)["deployments"]][-1] == "running"
