@@ -305,6 +305,8 @@ def promote_checkpoint(storage: Storage, ref: Union[str, CheckpointRef], name: s
             "serve_defaults": meta.get("spec", {}).get("serve", {}),
         }
         say("registering")
-        return Registry(storage).register(name, out, record)
+        from .mlflow_link import record_promotion  # + an MLflow model version when the job tracked to MLflow
+
+        return record_promotion(Registry(storage).register(name, out, record), meta.get("spec"), say)
     finally:
         shutil.rmtree(work, ignore_errors=True)

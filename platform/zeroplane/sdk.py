@@ -31,6 +31,7 @@ from .storage import Storage
 # re-exported: the SDK is the CLI's one import
 from .completions import complete  # noqa: F401
 from .progress import PROGRESS_PREFIX, ProgressParser, parse_progress  # noqa: F401
+from .metrics_view import JobScalars, plot_jobs, read_scalars, sparkline, start_tensorboard  # noqa: F401
 from .saved_key import api_key_path, check_writable_file, save_api_key, saved_api_key  # noqa: F401
 
 DEFAULT_STORAGE = names.DEFAULT_STORAGE
@@ -293,7 +294,8 @@ class Client:
         out = JobStatus(info=info, progress=steps[-1] if steps else None,
                         val_loss_step0=next((e["val_loss"] for e in events
                                              if e.get("event") == "eval" and e.get("step") == 0), None),
-                        val_loss=evals[-1]["val_loss"] if evals else None)
+                        val_loss=evals[-1]["val_loss"] if evals else None,
+                        loss_curve=[[e["step"], e["loss"]] for e in steps if "loss" in e])
         if info.terminal:
             try:
                 st = self.storage_of(job_id)
@@ -382,6 +384,23 @@ class Client:
         st = Storage.from_uri(storage) if storage else self.storage_of(job_id)
         run = job_id if storage else self.run_id_or_self(job_id)
         return list_checkpoints(st, run, include_incomplete=include_incomplete)
+
+    def event_dirs(self, job_ids: List[str], storage: Optional[str] = None) -> Dict[str, Any]:
+        """``{job id: local folder of its TensorBoard event files}`` (``s3://`` storage: a fresh local copy
+        under ``$ZEROPLANE_HOME/tensorboard``). Storage as in :meth:`checkpoints`; a resume submission id
+        becomes its job.
+
+        Raises:
+            NotFoundError: a job unknown to the cluster and the storage, or one without event files.
+        """
+        from .metrics_view import local_event_dir
+
+        out = {}
+        for j in job_ids:
+            st = Storage.from_uri(storage) if storage else self.storage_of(j)
+            run = j if storage else self.run_id_or_self(j)
+            out[run] = local_event_dir(st, run)
+        return out
 
     # ------------------------------------------------------------------ promotion and serving
     def serve_client(self):

@@ -369,6 +369,6 @@ def test_json_schema_describes_every_property_of_every_model():
 def test_json_schema_lists_top_level_sections_and_requires_name():
     schema = json_schema()
     assert set(schema["properties"]) == {"name", "model", "tokenizer", "data", "train", "deepspeed", "scaling",
-                                         "checkpoint", "failure", "serve"}
+                                         "checkpoint", "failure", "serve", "tracking"}
     assert schema["required"] == ["name"]
     assert schema["$defs"]["DeepSpeedSpec"]["properties"]["zero_stage"]["enum"] == [0, 1, 2, 3]

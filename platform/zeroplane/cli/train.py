@@ -1,4 +1,4 @@
-"""``zeroplane train submit|resume|status|logs|list|stop|estimate``."""
+"""``zeroplane train submit|resume|status|logs|list|stop|estimate|plot|tensorboard``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 import click
 
 from .context import pass_zp
-from .options import ADDRESS, CLUSTER_READ, Finite, OUTPUT, PASS_CREDENTIALS, SET, TIMEOUT, WAIT
+from .options import ADDRESS, CLUSTER_READ, JOB_STORAGE, Finite, OUTPUT, PASS_CREDENTIALS, SET, TIMEOUT, WAIT
 from .output import console, emit_json, err, fmt, show, table
 
 
@@ -161,8 +161,73 @@ def train_status(zp, job_id, output) -> None:
                   f"{p.get('tokens_per_s', 0):,.0f} tok/s" if p else "")
                + (f"  val_loss {fmt(st.val_loss_step0, 4)} (step 0) -> {fmt(st.val_loss, 4)}"
                   if st.val_loss is not None else ""))
+    if len(st.loss_curve) > 1:
+        from ..sdk import sparkline
+
+        losses = [loss for _, loss in st.loss_curve]
+        click.echo(f"  loss {sparkline(losses)}  {losses[0]:.3f} -> {losses[-1]:.3f} "
+                   f"(steps {st.loss_curve[0][0]}-{st.loss_curve[-1][0]})")
     if st.info.message and st.status in ("FAILED", "STOPPED"):
         click.echo(f"  {st.info.message.strip().splitlines()[-1]}")
+
+
+@train.command("plot")
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="PNG file to write, e.g. loss.png.")
+@JOB_STORAGE
+@ADDRESS
+@pass_zp
+def train_plot(zp, job_ids, out_path, storage) -> None:
+    """Plot train and validation loss of JOB_IDS against step and tokens seen (jobs overlaid, resumes
+    marked) from their TensorBoard event files."""
+    from ..sdk import plot_jobs, read_scalars
+
+    jobs = [read_scalars(d, j) for j, d in zp.client.event_dirs(list(job_ids), storage).items()]
+    for j in jobs:
+        tl, vl = j.get("train_loss"), j.get("val_loss")
+        click.echo(f"{j.job_id}: {len(tl)} train-loss steps"
+                   + (f" ({tl[0][1]:.3f} at step {tl[0][0]} -> {tl[-1][1]:.3f} at step {tl[-1][0]})" if tl else "")
+                   + (f", validation {vl[0][1]:.3f} -> {vl[-1][1]:.3f}" if vl else "")
+                   + (f", resumed at step {', '.join(map(str, j.resumes))}" if j.resumes else ""))
+    click.echo(f"wrote {plot_jobs(jobs, out_path)}")
+
+
+@train.command("tensorboard")
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=6006, show_default=True, help="TensorBoard's port.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 shows the job's metrics to the whole network).")
+@click.option("--resync-s", type=Finite(min=1), default=30.0, show_default=True,
+              help="s3:// storage: seconds between two copies of the event files to the local folder served.")
+@JOB_STORAGE
+@ADDRESS
+@pass_zp
+def train_tensorboard(zp, job_ids, port, host, resync_s, storage) -> None:
+    """Serve the TensorBoard event files of JOB_IDS (local storage directly, s3:// through a local copy
+    refreshed every --resync-s) and print the URL; Ctrl-C stops it."""
+    import subprocess
+
+    from ..sdk import start_tensorboard
+
+    dirs = zp.client.event_dirs(list(job_ids), storage)
+    proc = start_tensorboard(dirs, host=host, port=port)
+    click.echo(f"TensorBoard: http://{host}:{port}/  ({', '.join(f'{j}: {d}' for j, d in dirs.items())}); Ctrl-C stops it")
+    try:
+        while True:
+            try:
+                proc.wait(timeout=resync_s)
+                break
+            except subprocess.TimeoutExpired:
+                zp.client.event_dirs(list(job_ids), storage)  # local storage: nothing to copy
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+    if proc.returncode not in (0, -15):
+        from ..sdk import ZeroplaneError
+
+        raise ZeroplaneError(f"tensorboard exited with {proc.returncode} (port {port} taken? try --port)")
 
 
 @train.command("logs")

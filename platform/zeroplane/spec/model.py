@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from ..errors import SpecError
 from ..names import DEFAULT_STORAGE, ENV_STORAGE, NAME_RE, NAME_RULE
 
+#: Read for ``tracking.mlflow_uri`` when the spec leaves it out (MLflow's own variable).
+ENV_MLFLOW_URI = "MLFLOW_TRACKING_URI"
+
 #: Model-size presets for GPT-2-style configs (keys are transformers ``GPT2Config`` names).
 #: ``small`` is about 5.3 M parameters with an 8,192-token vocabulary at seq_len 256.
 PRESETS: Dict[str, Dict[str, int]] = {
@@ -458,6 +461,51 @@ class ServeSpec(_Strict):
         return v
 
 
+class TrackingSpec(_Strict):
+    """Where a job's metrics go besides its log: TensorBoard event files in its run folder (always, unless
+    turned off) and, optionally, an MLflow tracking server (a run per job, a registered model version per
+    promotion)."""
+
+    tensorboard: bool = Field(
+        True,
+        description="Rank 0 writes TensorBoard event files to <storage_path>/jobs/<job>/tensorboard (train and "
+        "validation loss, learning rate, gradient norm, tokens/s, model FLOP/s, peak memory per rank, checkpoints); "
+        "`zeroplane train tensorboard JOB` serves them, `zeroplane train plot JOB` plots them.",
+    )
+    mlflow_uri: Optional[str] = Field(
+        default_factory=lambda: os.environ.get(ENV_MLFLOW_URI) or None,
+        description="MLflow tracking server, http(s)://host[:port] (default: $MLFLOW_TRACKING_URI where the spec "
+        "is resolved; null: no MLflow). Credentials come from the environment (MLFLOW_TRACKING_TOKEN, "
+        "MLFLOW_TRACKING_USERNAME / _PASSWORD), never the spec.",
+    )
+    mlflow_experiment: str = Field("zeroplane", min_length=1, max_length=500,
+                                   description="MLflow experiment holding the job's run (created if absent).")
+    mlflow_timeout_s: float = Field(
+        5.0, gt=0, le=60,
+        description="Bound on each MLflow request from the job (no retries within a period: a failed send is "
+        "retried at the next logging period). Training never waits for MLflow: a background thread sends.",
+    )
+    upload_every_s: float = Field(
+        30.0, gt=0,
+        description="s3:// storage: rank 0 writes event files locally and uploads them at the first logging "
+        "period this many seconds after the last upload, at every checkpoint and at the end.",
+    )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _mlflow_uri_ok(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", v):
+            raise ValueError(f"'{v}' is not an MLflow tracking server URL; use http(s)://host[:port] "
+                             "(a local file or database would be on whichever node runs rank 0)")
+        if "@" in v.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError("credentials do not belong in the tracking URI (the spec is shown and sent with every "
+                             "job); give http(s)://host[:port] and MLFLOW_TRACKING_TOKEN or _USERNAME/_PASSWORD "
+                             "through the environment")
+        return v
+
+
 class JobSpec(_Strict):
     """One training job: what to train, on what, how, where to keep it, and how to serve it."""
 
@@ -471,6 +519,7 @@ class JobSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint persistence.")
     failure: FailureSpec = Field(default_factory=FailureSpec, description="Fault tolerance.")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Serving defaults for promote.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="TensorBoard and MLflow tracking.")
 
     @field_validator("name")
     @classmethod

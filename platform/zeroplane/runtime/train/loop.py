@@ -84,6 +84,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     from . import checkpointing
     from .data import BatchOrder, load_tokenizer_files
     from .modeling import build_model, count_parameters, model_config, probe_ids
+    from .tracking import Tracker, model_flop_per_token
 
     spec = JobSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
@@ -122,6 +123,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             _emit("resumed", {"step": start_step, "from": storage.uri_of(resume_path)})
     else:
         torch.manual_seed(t.seed + 1000 * rank)  # dropout stream per rank; restored on resume
+    tracker = Tracker.open(spec, config["job_id"], storage, rank, world, start_step,
+                           world * t.micro_batch_size_per_worker * accum * seq_len,
+                           model_flop_per_token(n_params, cfg, seq_len), ds_config, work)
 
     def evaluate() -> float:
         engine.eval()
@@ -155,6 +159,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         history["val_loss_step0"] = evaluate()
         if rank == 0:
             _emit("eval", {"step": 0, "val_loss": history["val_loss_step0"]})
+        tracker.log_eval(0, history["val_loss_step0"])
 
     engine.train()
     tokens_per_step = world * t.micro_batch_size_per_worker * accum * seq_len
@@ -193,6 +198,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                 metrics["peak_rss_mb"] = _gather_peak_rss_mb(world)
             if rank == 0:
                 _emit("step", metrics)
+            tracker.on_log(step, metrics, engine)
             history["train_loss"] = metrics["loss"]
             loss_curve.append([step, metrics["loss"]])
             window_t0, window_tokens = time.perf_counter(), 0
@@ -221,6 +227,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                 persisted = ray.train.get_checkpoint()
                 checkpointing.write_marker(persisted, report)
                 _emit("checkpoint", {"step": step, "path": persisted.path})
+                tracker.on_checkpoint(step)
             dist.barrier()
             shutil.rmtree(local, ignore_errors=True)
             window_t0 = time.perf_counter()  # checkpoint time is not training throughput
@@ -229,4 +236,5 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         _emit("done", {"step": step, "val_loss_step0": history.get("val_loss_step0"), "val_loss": val_loss,
                        "peak_rss_mb": peaks,
                        "finished_at": datetime.now(timezone.utc).isoformat()})
+    tracker.close()
     shutil.rmtree(work, ignore_errors=True)
