@@ -6,7 +6,9 @@ A zeroplane job (``jobs/pydoc-gpt.yaml``, the given preset and ZeRO stage, 2 wor
 checkpoint to a temp storage folder on a local Ray head. Then, in this process, each ``--repeats`` + 1
 times: ``shutil.copytree`` of the checkpoint folder (the baseline: moving the same bytes), then
 ``zeroplane.promote.consolidate`` (DeepSpeed ``zero_to_fp32`` → ``model.safetensors`` + config + tokenizer)
-and ``zeroplane.promote.verify`` (load alone, keys, tied weights, probe logits), and the whole
+and ``zeroplane.promote.verify`` (load alone, keys, tied weights, probe logits), the SHA-256 check of the
+checkpoint's files against its marker (``zeroplane.checkpoints.check_local_copy``, part of every promotion
+and resume), and the whole
 ``promote_checkpoint`` without deployment (download + consolidate + verify + register). The top-level
 libraries are imported before timing; round 0 is reported apart as "cold" (the first promotion in a process,
 as ``zeroplane promote`` runs it, still pays lazy imports inside transformers and DeepSpeed), the
@@ -47,7 +49,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=at_least(1), default=3, help="Warm timed rounds after the cold one; medians count (default 3).")
     args = ap.parse_args()
 
-    from zeroplane.checkpoints import latest_complete
+    from zeroplane.checkpoints import check_local_copy, latest_complete
     from zeroplane.promote import consolidate, promote_checkpoint, verify
     from zeroplane.storage import Storage
 
@@ -69,11 +71,13 @@ def main() -> int:
         import deepspeed.utils.zero_to_fp32  # noqa: F401  (imports outside the timings)
         import transformers  # noqa: F401
 
-        times: Dict[str, List[float]] = {"copytree": [], "consolidate": [], "verify": [], "promote (no deploy)": []}
+        times: Dict[str, List[float]] = {"copytree": [], "sha-256 check": [], "consolidate": [], "verify": [],
+                                         "promote (no deploy)": []}
         for i in range(args.repeats + 1):  # round 0: cold
             log(f"round {i}/{args.repeats}" + (" (cold: first use in this process)" if i == 0 else ""))
             dst = work / f"copy{i}"
             times["copytree"].append(timed(lambda: shutil.copytree(src, dst)))
+            times["sha-256 check"].append(timed(lambda: check_local_copy(storage, ckpt.path, str(dst))))
             out = work / f"model{i}"
             times["consolidate"].append(timed(lambda: consolidate(src, out)))
             ok = {}
@@ -93,6 +97,7 @@ def main() -> int:
     def rows_of(t: Dict[str, float]) -> List[List]:
         cv = t["consolidate"] + t["verify"]
         return [["copytree (baseline)", t["copytree"], mb / t["copytree"], 1.0],
+                ["sha-256 check", t["sha-256 check"], mb / t["sha-256 check"], t["sha-256 check"] / t["copytree"]],
                 ["consolidate", t["consolidate"], mb / t["consolidate"], t["consolidate"] / t["copytree"]],
                 ["verify", t["verify"], mb / t["verify"], t["verify"] / t["copytree"]],
                 ["consolidate + verify", cv, mb / cv, cv / t["copytree"]],
@@ -100,14 +105,15 @@ def main() -> int:
                  t["promote (no deploy)"] / t["copytree"]]]
 
     rows = rows_of(med)
-    cold_rows = rows_of({**cold, "promote (no deploy)": med["promote (no deploy)"]})[:4]  # round 0's promote
+    cold_rows = rows_of({**cold, "promote (no deploy)": med["promote (no deploy)"]})[:5]  # round 0's promote
     # runs after its consolidate, so it is not cold: left out
     cv = med["consolidate"] + med["verify"]
     result = {"benchmark": "promote", "machine": machine(), "spec": SPEC, "preset": args.preset, "zero_stage": args.stage,
               "checkpoint": {"bytes": nbytes, "files": len(files), "mb": mb}, "times_s": times, "median_s": med,
               "cold_s": cold, "mb_per_s": {r[0]: r[2] for r in rows}, "cold_mb_per_s": {r[0]: r[2] for r in cold_rows},
               "ratios": {"consolidate_verify_over_copytree_time": cv / med["copytree"],
-                         "cold_consolidate_verify_over_copytree_time": cold_rows[3][3],
+                         "cold_consolidate_verify_over_copytree_time": cold_rows[4][3],
+                         "sha256_check_over_copytree_time": med["sha-256 check"] / med["copytree"],
                          "copytree_mb_per_s_over_consolidate_verify_mb_per_s": (mb / med["copytree"]) / (mb / cv)},
               "total_s": time.monotonic() - t0}
     print(f"\npromotion: {mb:.1f} MB ZeRO-{args.stage} checkpoint ({len(files)} files, preset {args.preset}), "
@@ -118,7 +124,7 @@ def main() -> int:
     print(table(["step", "seconds", "MB/s", "time vs copytree"], cold_rows))
     out = write_result("promote_bench", result)
     png = bar_plot("promote_bench", f"promotion of a {mb:.0f} MB checkpoint: MB/s", [r[0] for r in cold_rows],
-                   {"warm (median)": [r[2] for r in rows[:4]], "cold (first in process)": [r[2] for r in cold_rows]},
+                   {"warm (median)": [r[2] for r in rows[:5]], "cold (first in process)": [r[2] for r in cold_rows]},
                    "MB/s")
     print(f"wrote {out} and {png} ({result['total_s']:.0f} s)")
     return 0

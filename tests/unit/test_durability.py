@@ -83,16 +83,16 @@ def test_resume_request_runs_under_the_original_job_id():
     assert again["metadata"]["zeroplane_job_id"] == "tiny-1"
 
 
-def test_checkpoint_retention_maps_to_ray(tmp_path):
-    """num_to_keep / score_attribute / score_order reach Ray Train's CheckpointConfig unchanged."""
+def test_checkpoint_retention_is_zeroplanes_not_rays(tmp_path):
+    """Ray Train keeps every checkpoint (its num_to_keep would delete one a version came from); zeroplane's
+    retention (tests/unit/test_retention_runtime.py) applies num_to_keep / score_attribute / score_order."""
     from zeroplane.runtime.train.driver import build_trainer
     from zeroplane.storage import Storage
 
     spec = load_spec(TINY, [f"checkpoint.storage_path={tmp_path}", "checkpoint.num_to_keep=4",
                             "checkpoint.score_attribute=val_loss", "checkpoint.score_order=max"])
     run = build_trainer(spec, "j", Storage.for_checkpoint_spec(spec.checkpoint), {}).run_config
-    ck = run.checkpoint_config
-    assert (ck.num_to_keep, ck.checkpoint_score_attribute, ck.checkpoint_score_order) == (4, "val_loss", "max")
+    assert run.checkpoint_config.num_to_keep is None
     assert run.failure_config.max_failures == spec.failure.max_failures and run.name == "j"
     assert run.storage_path == str(tmp_path / "jobs") and run.storage_filesystem is None
 

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Optional, Tuple
 
 from ... import layout
-from ...checkpoints import build_marker, check_local_copy, inspect_checkpoint, latest_complete
+from ...checkpoints import build_marker, check_local_copy, inspect_checkpoint, latest_complete, list_checkpoints
 from ...digests import folder_digests, sha256_map, size_map
 from ...errors import ZeroplaneError
 from ...storage import Storage
@@ -157,3 +157,55 @@ def load(engine, storage: Storage, path: str, rank: int, world: int,
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     return int(meta["step"]), dict(meta.get("metrics") or {}), meta
+
+
+def apply_retention(storage: Storage, job_id: str, num_to_keep: Optional[int], score_attribute: Optional[str] = None,
+                    score_order: str = "min") -> list:
+    """zeroplane's checkpoint retention, run by rank 0 after each completion marker (Ray's own
+    ``num_to_keep`` is off: it would delete a checkpoint a registered version came from, and it never
+    sees a checkpoint it did not register, e.g. one whose worker was killed right after writing it).
+
+    Kept: the newest complete checkpoint; the best ``num_to_keep`` complete ones (by ``score_attribute``
+    in the marker's metrics, ``score_order`` ``min``/``max``; without one, the newest); every checkpoint a
+    registered version of any model names as its source (``source.job_id`` == ``job_id`` and its
+    ``step``). Deleted: the other complete checkpoints, and folders without a valid marker older than the
+    newest complete one (a save that never finished: nothing is writing them any more). Each marker is
+    deleted before its folder, so a checkpoint is never seen half deleted as complete.
+
+    Args:
+        storage: the job's storage root.
+        job_id: the run name (the folder under ``jobs/``).
+        num_to_keep: complete checkpoints to keep by score; None keeps every checkpoint.
+
+    Returns:
+        The steps deleted.
+    """
+    from ...registry import Registry
+
+    if num_to_keep is None:
+        return []
+    found = list_checkpoints(storage, job_id, include_incomplete=True)
+    complete = [c for c in found if c.complete]
+    if not complete:
+        return []
+    newest = complete[-1]
+
+    def score(c) -> float:
+        value = (c.metrics or {}).get(score_attribute) if score_attribute else None
+        if not isinstance(value, (int, float)):
+            return float("inf")  # unscored sorts last among the best
+        return value if score_order == "min" else -value
+
+    ranked = sorted(complete, key=score) if score_attribute else list(reversed(complete))
+    keep = {newest.step} | {c.step for c in ranked[:num_to_keep]}
+    reg = Registry(storage)
+    for model in reg.models():
+        for rec in reg.versions(model):
+            src = rec.get("source") or {}
+            if src.get("job_id") == job_id and isinstance(src.get("step"), int):
+                keep.add(src["step"])
+    doomed = [c for c in found if c.step not in keep and (c.complete or c.step < newest.step)]
+    for c in doomed:
+        storage.delete_file(f"{c.path.rstrip('/')}/{layout.CHECKPOINT_MARKER}")
+        storage.delete_dir(c.path)
+    return [c.step for c in doomed]
