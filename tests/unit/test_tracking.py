@@ -168,3 +168,19 @@ def test_cli_train_plot_reads_the_storage_and_writes_the_png(tmp_path, monkeypat
     assert out.read_bytes()[:4] == b"\x89PNG"
     r = CliRunner().invoke(main, ["train", "plot", "nojob", "--storage", str(tmp_path), "-o", str(out)])
     assert r.exit_code != 0 and "no TensorBoard event files for job 'nojob'" in r.output
+
+
+def test_s3_storage_event_files_uploaded_and_read_back_through_a_local_copy(s3_bucket, tmp_path, monkeypatch):
+    """On a real (moto) S3 server: two attempts write in their work folders, the uploader puts each file in
+    the job's folder, and the control plane reads them through a local copy, every step once."""
+    monkeypatch.setenv("ZEROPLANE_HOME", str(tmp_path / "home"))
+    spec = load_spec(TINY, [f"checkpoint.storage_path=s3://{s3_bucket}/runs"])
+    storage = Storage.for_checkpoint_spec(spec.checkpoint)
+    _attempt(spec, storage, "job-s3", 0, 6, {s: 6.0 - s for s in range(1, 7)}, tmp_path / "w1")
+    _attempt(spec, storage, "job-s3", 4, 8, {s: 9.0 - s for s in range(5, 9)}, tmp_path / "w2")
+    assert len(storage.listdir(storage.path("jobs/job-s3/tensorboard"))) == 2
+    d = local_event_dir(storage, "job-s3")
+    assert d == tmp_path / "home" / "tensorboard" / "job-s3"
+    got = read_scalars(d, "job-s3")
+    assert got.get("train_loss") == [(s, 6.0 - s if s <= 4 else 9.0 - s) for s in range(1, 9)]
+    assert got.resumes == [4]

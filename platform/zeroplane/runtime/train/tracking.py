@@ -36,7 +36,7 @@ from typing import Any, Dict, Optional
 
 from ... import layout
 from ...metrics_view import TAGS
-from ...mlflow_link import MlflowSink, flatten, tracking_uri
+from ...mlflow_link import MlflowSink, flatten
 
 
 def model_flop_per_token(n_params: int, model_cfg: Any, seq_len: int) -> int:
@@ -145,24 +145,30 @@ class Tracker:
             work_dir: this rank's temp folder (the event file's home on s3:// storage).
         """
         tr = spec.tracking
-        uri = tracking_uri(tr.model_dump())
+        # the spec alone decides (its mlflow_uri already took $MLFLOW_TRACKING_URI where it was resolved): every
+        # rank must agree, since on_log is a collective when enabled
+        uri = tr.mlflow_uri
         enabled = tr.tensorboard or bool(uri)
         if rank != 0 or not enabled:
             return cls(rank, world, enabled)
         writer = uploader = sink = None
         if tr.tensorboard:
-            from tensorboardX import SummaryWriter
-
             dest = layout.tensorboard_dir(job_id)
             logdir = storage.path(dest) if storage.is_local else os.path.join(work_dir, "tensorboard")
-            os.makedirs(logdir, exist_ok=True)
-            # purge_step: TensorBoard drops what an earlier attempt logged at or after it (steps past the
-            # checkpoint this attempt resumed from; everything on a fresh start)
-            writer = SummaryWriter(logdir, purge_step=start_step + 1 if start_step else 0, flush_secs=10,
-                                   max_queue=100, filename_suffix=f".{job_id}.step{start_step}")
-            if start_step:
+            try:
+                from tensorboardX import SummaryWriter
+
+                os.makedirs(logdir, exist_ok=True)
+                # purge_step: TensorBoard drops what an earlier attempt logged at or after it (steps past the
+                # checkpoint this attempt resumed from; everything on a fresh start)
+                writer = SummaryWriter(logdir, purge_step=start_step + 1 if start_step else 0, flush_secs=10,
+                                       max_queue=100, filename_suffix=f".{job_id}.step{start_step}")
+            except Exception as e:  # metrics are not worth the job: it trains on, with a line saying why
+                print(f"[zeroplane] no TensorBoard event files ({type(e).__name__}: {e}); training goes on",
+                      file=sys.stderr, flush=True)
+            if writer is not None and start_step:
                 writer.add_scalar(TAGS["resume"], start_step, start_step)
-            if not storage.is_local:
+            if writer is not None and not storage.is_local:
                 uploader = _Uploader(logdir, storage, dest)
         if uri:
             import importlib.util
