@@ -188,6 +188,11 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None
     user: Optional[str] = None
+    # OpenAI fields that clients send at their neutral values; any other value is refused by
+    # check_neutral_fields (the engine cannot honour it).
+    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, allow_inf_nan=False)
+    logit_bias: Optional[dict[str, float]] = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -206,10 +211,15 @@ class CompletionRequest(_SamplingRequest):
         stream: server-sent events instead of one JSON answer; default false.
         stream_options: ``{"include_usage": bool}`` (streaming only).
         echo: must be false. user: accepted and ignored.
+        frequency_penalty, presence_penalty: accepted at 0 only; logit_bias: null or ``{}`` only;
+            logprobs: null only; best_of: null or 1; suffix: null only (see :func:`check_neutral_fields`).
     """
 
     prompt: Union[str, list[str]]
     echo: bool = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
 
 
 class StreamOptions(BaseModel):
@@ -220,14 +230,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatMessage(BaseModel):
-    """One chat message: ``role`` (system, user or assistant) and its text ``content``."""
+class ContentPart(BaseModel):
+    """One part of a message's content list: only text parts (``{"type": "text", "text": "..."}``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message: ``role`` and its text ``content``.
+
+    ``role`` is system, user, assistant, or developer (OpenAI's newer name for system instructions; given
+    to chat templates as ``system``, which they know). ``content`` is a string or a list of text parts,
+    joined with newlines (as vLLM joins them).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[ContentPart]]
     name: Optional[str] = None
+
+    def as_template_message(self) -> dict:
+        """``{"role", "content"}`` for a chat template: content as one string, developer as system."""
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -236,15 +265,46 @@ class ChatCompletionRequest(_SamplingRequest):
     Attributes:
         messages: 1 or more :class:`ChatMessage`; rendered into one prompt (see the module docstring).
         max_completion_tokens: OpenAI's newer name for ``max_tokens`` (give at most one of the two).
+        logprobs: null or false only; top_logprobs: null or 0 only (see :func:`check_neutral_fields`).
     """
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
 
 
 _SamplingRequest.model_rebuild()
 CompletionRequest.model_rebuild()
 ChatCompletionRequest.model_rebuild()
+
+#: Fields accepted only at a neutral value: field -> (is the value neutral?, what is accepted, why not more).
+_NEUTRAL: dict[str, tuple[Any, str, str]] = {
+    "frequency_penalty": (lambda v: v == 0, "0", "this server applies no frequency penalty"),
+    "presence_penalty": (lambda v: v == 0, "0", "this server applies no presence penalty"),
+    "logit_bias": (lambda v: not v, "null or {}", "this server applies no logit bias"),
+    "logprobs": (lambda v: v is None or v is False, "null (or false in a chat request)",
+                 "this server returns no log probabilities"),
+    "top_logprobs": (lambda v: not v, "null or 0", "this server returns no log probabilities"),
+    "best_of": (lambda v: v is None or v == 1, "null or 1", "use 'n' for several choices"),
+    "suffix": (lambda v: v is None, "null", "this server does not insert text"),
+}
+
+
+def check_neutral_fields(req: BaseModel) -> None:
+    """Refuse an OpenAI field whose value the engine cannot honour (accepted only at its neutral value, the
+    one OpenAI clients send by default, so that they work unchanged).
+
+    Raises:
+        APIError: 400 naming the field, its value and what is accepted (``param`` is the field).
+    """
+    for field, (neutral, accepted, why) in _NEUTRAL.items():
+        if field in type(req).model_fields:
+            value = getattr(req, field)
+            if not neutral(value):
+                raise APIError(400, f"'{field}' must be {accepted}: {why}; got {_short(value)}", param=field,
+                               code="unsupported_value")
+
 
 ROUTES = (
     "routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /metrics, GET /healthz"
@@ -256,7 +316,8 @@ def field_hints(cap: Optional[int]) -> dict[str, str]:
     return {
         "model": "a string naming the served model",
         "prompt": "a non-empty string, or a list holding exactly one string",
-        "messages": "a non-empty list of {'role': 'system'|'user'|'assistant', 'content': string}",
+        "messages": "a non-empty list of {'role': 'system'|'developer'|'user'|'assistant', 'content': a string "
+                    "or a list of {'type': 'text', 'text': string}}",
         "max_tokens": tokens,
         "max_completion_tokens": tokens,
         "temperature": "a number from 0 to 2 (0 = greedy)",
@@ -269,6 +330,13 @@ def field_hints(cap: Optional[int]) -> dict[str, str]:
         "stream_options": "an object {'include_usage': true|false}, only with stream: true",
         "echo": "false (echo is not supported)",
         "user": "a string",
+        "frequency_penalty": "0 (the only value supported)",
+        "presence_penalty": "0 (the only value supported)",
+        "logit_bias": "null or {} (the only values supported)",
+        "logprobs": "null (the only value supported; false in a chat request)",
+        "top_logprobs": "null or 0 (the only values supported)",
+        "best_of": "null or 1",
+        "suffix": "null (the only value supported)",
     }
 
 

@@ -22,11 +22,12 @@ from typing import Any, AsyncIterator, Optional, Union
 from pydantic import ValidationError
 
 from zeroplane.errors import ZeroplaneError
+from zeroplane.registry import check_version_folder
 from zeroplane.runtime.serve import auth
 from zeroplane.runtime.serve.canary import CanarySplit
 from zeroplane.runtime.serve.protocol import (
     DEFAULT_CHAT_STOPS, DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, MAX_SEED, APIError, ChatCompletionRequest,
-    CompletionRequest, Job, ServeAppArgs, body_too_large, default_chat_prompt, error_body, field_hints,
+    CompletionRequest, Job, ServeAppArgs, body_too_large, check_neutral_fields, default_chat_prompt, error_body, field_hints,
     parse_args, request_timeout, sse, validation_message,
 )
 from zeroplane.runtime.serve.text import TextAssembler
@@ -66,6 +67,7 @@ def fetch_model(uri: str) -> tuple[str, Optional[str]]:
     Raises:
         FileNotFoundError: the folder has no ``config.json``.
         OSError: an ``s3://`` model could not be downloaded.
+        ZeroplaneError: a file differs from the version's marker (:func:`zeroplane.registry.check_version_folder`).
     """
     tmp = None
     if uri.startswith("s3://"):
@@ -77,6 +79,12 @@ def fetch_model(uri: str) -> tuple[str, Optional[str]]:
         local = Path(os.path.expanduser(uri.removeprefix("file://")))
     if not (local / "config.json").is_file():
         raise FileNotFoundError(f"model_uri {uri!r} is not a Hugging Face model folder (no config.json in {local})")
+    try:  # a registered version is loaded only if every file matches the size and SHA-256 its marker recorded
+        check_version_folder(local, uri)
+    except ZeroplaneError:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return str(local), tmp
 
 
@@ -392,6 +400,7 @@ class ModelCore:
                 raise APIError(
                     400, f"'{field}' is {value}, over this deployment's limit of {cap} (max_tokens_cap)", param=field
                 )
+        check_neutral_fields(req)
         if req.stream and req.n != 1:
             raise APIError(400, f"'n' must be 1 when 'stream' is true; got {req.n}", param="n")
         if req.stream_options is not None and not req.stream:
@@ -404,25 +413,29 @@ class ModelCore:
         req = self.validate(body, kind)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if isinstance(req, ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+            messages = [m.as_template_message() for m in req.messages]
             if self._chat_template:
+                # Tokenized by the template call itself, once: rendering to text and tokenizing that again would
+                # add the tokenizer's BOS in front of the one the template writes.
                 try:
-                    prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                    encoded = self._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
                 except Exception as e:  # noqa: BLE001 - a template may reject a message order
-                    raise APIError(400, f"'messages' do not fit this model's chat template: {e}", param="messages") from None
+                    raise APIError(400, f"'messages' do not fit this model's chat template: {e}",
+                                   param="messages") from None
+                prompt_ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
             else:
-                prompt = default_chat_prompt(messages)
+                prompt_ids = list(self._tokenizer(default_chat_prompt(messages))["input_ids"])
                 stops += list(DEFAULT_CHAT_STOPS)
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             param = "messages"
         else:
             prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            prompt_ids = list(self._tokenizer(prompt)["input_ids"])
             max_tokens = req.max_tokens
             param = "prompt"
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, self._args.max_tokens_cap)
 
-        prompt_ids = list(self._tokenizer(prompt)["input_ids"])
         if not prompt_ids:
             raise APIError(400, f"'{param}' encodes to zero tokens; send some text", param=param)
         if self._context is not None and len(prompt_ids) + max_tokens > self._context:
