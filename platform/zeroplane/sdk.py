@@ -171,6 +171,76 @@ class Client:
         return Submission(job_id=request.submission_id, zeroplane_job_id=request.job_id,
                           storage=request.storage_uri, max_steps=spec.train.max_steps)
 
+    # ------------------------------------------------------------------ datasets
+    @staticmethod
+    def dataset_status(spec: JobSpec) -> Dict[str, Any]:
+        """Whether the dataset ``spec`` trains on is prepared in its storage, as seen from this machine.
+
+        Returns:
+            ``{"id", "prepared", "uri", "note"}``: ``prepared`` True (a job reuses it), False (the job
+            prepares it first), or None with ``id`` None when the source or storage cannot be read from
+            here (the job decides on the cluster); ``note`` is one line saying so.
+        """
+        from . import datasets
+
+        try:
+            st = Storage.for_checkpoint_spec(spec.checkpoint)
+            _, files = datasets.list_source(spec.data.source, spec.checkpoint.s3_endpoint_url)
+            ds_id = datasets.fingerprint(spec, files)
+            uri = st.uri_of(st.path(datasets.dataset_dir(ds_id)))
+            prepared = datasets.read_manifest(st, ds_id) is not None
+        except Exception as e:  # noqa: BLE001 - only a note: the job itself checks and says why
+            return {"id": None, "prepared": None, "uri": None,
+                    "note": f"data: the job finds or prepares the dataset ({first_line(e)} from here)"}
+        note = (f"data: dataset {ds_id} is prepared ({uri}); the job reuses it" if prepared else
+                f"data: dataset {ds_id} is not prepared yet; the job prepares it first (Ray Data) into {uri}")
+        return {"id": ds_id, "prepared": prepared, "uri": uri, "note": note}
+
+    def prepare_data(self, spec: JobSpec, timeout_s: Optional[float] = None,
+                     pass_credentials: bool = False) -> Dict[str, Any]:
+        """Prepare the dataset of ``spec`` on the cluster (a Ray Job running
+        ``python -m zeroplane.runtime.train.prepare``, same request and preflights as a training job) and
+        wait for it; a prepared dataset is found and reused.
+
+        Returns:
+            ``{"id", "reused", "uri", "job_id"}``.
+
+        Raises:
+            ZeroplaneError: a preflight failed, the job failed (its last error line), or ``timeout_s``.
+        """
+        import dataclasses
+
+        from . import datasets
+
+        request = self.jobs.dryrun(spec, new_job_id(f"data-{spec.name}"), pass_credentials=pass_credentials)
+        request = dataclasses.replace(request, entrypoint=datasets.PREPARE_ENTRYPOINT,
+                                      metadata={**request.metadata, names.META_KIND: datasets.META_KIND_DATA})
+        self.jobs.submit(request)
+        status = self.wait(request.submission_id, timeout_s=timeout_s)
+        lines = self.jobs.logs(request.submission_id).splitlines()
+        found = [ln[len(datasets.DATASET_PREFIX):] for ln in lines if ln.startswith(datasets.DATASET_PREFIX)]
+        if status != "SUCCEEDED" or not found:
+            why = next((ln for ln in reversed(lines) if "failed" in ln or "Error" in ln), status)
+            raise ZeroplaneError(f"data preparation job {request.submission_id} {status}: {why.strip()}")
+        return {**json.loads(found[-1]), "job_id": request.submission_id}
+
+    def datasets(self, storage: Optional[str] = None) -> List[Any]:
+        """Every dataset folder in ``storage`` (default storage when None), complete or not
+        (:class:`zeroplane.datasets.DatasetInfo`)."""
+        from .datasets import list_datasets
+
+        return list_datasets(self.storage(storage))
+
+    def dataset(self, dataset_id: str, storage: Optional[str] = None) -> Dict[str, Any]:
+        """The manifest of a complete dataset.
+
+        Raises:
+            NotFoundError: none of that id is complete in the storage. SpecError: a malformed id.
+        """
+        from .datasets import show_dataset
+
+        return show_dataset(self.storage(storage), dataset_id)
+
     def resume(self, job_id: str, overrides: Optional[List[str]] = None, pass_credentials: bool = False) -> Submission:
         """Resubmit an ended job so that it continues from its newest complete checkpoint.
 

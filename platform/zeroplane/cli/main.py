@@ -19,6 +19,7 @@ from .checkpoints import checkpoints
 from .cluster import cluster
 from .complete import complete
 from .context import ZpContext
+from .data import data
 from .models import models, promote
 from .render import render
 from .serve import serve
@@ -70,7 +71,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     click.echo(f"WARNING: {message}", err=True)
 
 
-for _cmd in (cluster, spec, train, checkpoints, promote, models, serve, complete, render):
+for _cmd in (cluster, spec, train, data, checkpoints, promote, models, serve, complete, render):
     main.add_command(_cmd)
 
 if __name__ == "__main__":  # pragma: no cover

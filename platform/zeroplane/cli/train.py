@@ -34,6 +34,7 @@ def train_submit(zp, file, overrides, dry_run, wait, timeout_s, pass_credentials
     if dry_run:
         return emit_json(zp.client.dryrun(s, pass_credentials=pass_credentials))
     sub = zp.client.submit(s, pass_credentials=pass_credentials)
+    err(zp.client.dataset_status(s)["note"])  # prepared (reused) or prepared first by the job
     if output == "json" and not wait:
         return emit_json({"job_id": sub.job_id, "storage": sub.storage})
     err(f"submitted {sub.job_id} to {zp.client.cluster.dashboard_url}; checkpoints in {sub.storage}")

@@ -205,20 +205,40 @@ class TokenizerSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """The training text."""
+    """The training text, and how it is prepared into token shards (``datasets/<fingerprint>/``)."""
 
     source: str = Field(
         "builtin:pydoc",
         description="builtin:pydoc (the Python reference text in pydoc_data.topics, ships with CPython), "
-        "a local file/glob of .txt or .jsonl (field `text_field`), or s3://bucket/key.",
+        "a local file, folder or glob, or s3://bucket/key, s3://bucket/prefix or s3://bucket/prefix/*.jsonl; "
+        "files: .txt, .jsonl, .jsonl.gz, .jsonl.zst (field `text_field`), .parquet (column `text_field`).",
     )
-    text_field: str = Field("text", description="Field holding the text in .jsonl records.")
+    text_field: str = Field("text", description="Field holding the text in .jsonl records and .parquet rows.")
+    on_bad_record: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A .jsonl line that is not a JSON object with a string `text_field`, or an empty file: "
+        "fail (the error names the file and line) or skip (counted in the dataset's manifest).",
+    )
     seq_len: int = Field(256, ge=8, le=32768, description="Tokens per training sequence.")
     validation_fraction: float = Field(
-        0.05, gt=0.0, lt=0.5, description="Fraction of the token stream (the tail) held out for validation."
+        0.05, gt=0.0, lt=0.5,
+        description="Share of documents held out for validation, chosen per document by a hash of its text "
+        "(a .txt file or builtin topic is split into paragraphs at blank lines for this), so the split "
+        "stays the same when the corpus grows.",
     )
     max_chars: Optional[int] = Field(
-        None, ge=1000, description="Read at most this many characters of the source (quick experiments)."
+        None, ge=1000,
+        description="Use only the first documents of the source (in file order) until they hold this many "
+        "characters; the document that reaches the limit is the last (quick experiments).",
+    )
+    tokenizer_sample_chars: int = Field(
+        20_000_000, ge=10_000,
+        description="Characters a trained BPE learns from: the beginnings of up to 32 files spread evenly "
+        "over the sorted source (the first files when max_chars is set), never the whole corpus.",
+    )
+    shard_tokens: int = Field(
+        1 << 24, ge=1024,
+        description="Tokens per shard file of a prepared dataset (16,777,216 = 32 MiB of uint16).",
     )
 
     @field_validator("source")
@@ -238,8 +258,8 @@ class DataSpec(_Strict):
         if (info.context or {}).get("local_files") and not v.startswith(("builtin:", "s3://")):
             pattern = os.path.expanduser(v)
             paths = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
-            if not any(os.path.isfile(p) for p in paths):
-                raise ValueError("matches no file; give an existing .txt/.jsonl path or glob, builtin:pydoc, "
+            if not any(os.path.isfile(p) or os.path.isdir(p) for p in paths):
+                raise ValueError("matches no file; give an existing file, folder or glob, builtin:pydoc, "
                                  "or s3://bucket/key")
         return v
 

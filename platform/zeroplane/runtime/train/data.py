@@ -276,3 +276,70 @@ class BatchOrder:
     def epoch_of(self, k: int) -> float:
         """Fractional epoch reached after global micro-batch ``k`` (all ranks)."""
         return (k + 1) * self.world * self.micro / self.n
+
+
+class TokenSequences:
+    """The sequences of one split of a prepared dataset, read from its shards on demand.
+
+    The split's token stream is its shards concatenated (``manifest["splits"][split]["shards"]``); sequence
+    ``i`` is stream tokens ``[i*seq_len, (i+1)*seq_len)``, so a sequence may span two shards and the tail
+    shorter than ``seq_len`` is never used. Local storage (or a shared filesystem): every shard is a
+    read-only ``numpy.memmap``, so only the pages of the sequences read are touched. ``s3://``: one ranged
+    GET per shard piece of a sequence (``pyarrow`` ``RandomAccessFile.read_at``); nothing else is held.
+
+    Indexing with an integer array gives ``int32`` ``[len(idx), seq_len]``, like the arrays it replaces.
+    """
+
+    def __init__(self, storage: "Storage", folder: str, manifest: Dict, split: str, seq_len: int) -> None:
+        shards = manifest["splits"][split]["shards"]
+        self.storage, self.seq_len, self.dtype = storage, seq_len, np.dtype(manifest["dtype"]).newbyteorder("<")
+        self.paths = [f"{folder}/{s['file']}" for s in shards]
+        self.sizes = np.array([s["tokens"] for s in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.n = int(self.starts[-1] // seq_len)
+        self._open: Dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _shard(self, k: int):
+        if k not in self._open:
+            if self.storage.is_local:
+                self._open[k] = np.memmap(self.paths[k], dtype=self.dtype, mode="r", shape=(int(self.sizes[k]),))
+            else:
+                self._open[k] = self.storage.fs.open_input_file(self.paths[k])
+        return self._open[k]
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        out, pos = [], start
+        while count > 0:
+            k = int(np.searchsorted(self.starts, pos, side="right") - 1)
+            off = pos - int(self.starts[k])
+            n = min(count, int(self.sizes[k]) - off)
+            src = self._shard(k)
+            if isinstance(src, np.ndarray):
+                out.append(src[off : off + n])
+            else:
+                raw = src.read_at(n * self.dtype.itemsize, off * self.dtype.itemsize)
+                out.append(np.frombuffer(raw, dtype=self.dtype))
+            pos, count = pos + n, count - n
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"sequence index out of range 0..{self.n - 1}")
+        out = np.empty((len(idx), self.seq_len), dtype=np.int32)
+        for row, i in enumerate(idx):
+            out[row] = self._read(int(i) * self.seq_len, self.seq_len)
+        return out
+
+
+def open_split(config: Dict, split: str, storage: "Storage") -> "TokenSequences | np.ndarray":
+    """The ``train`` or ``val`` sequences a training loop config names: :class:`TokenSequences` over
+    ``config["dataset"]`` (``folder``: fs path, ``manifest``: splits + dtype), or an in-memory
+    ``[n, seq_len]`` array when the config carries one under ``split`` (benchmarks compare the two)."""
+    if config.get(split) is not None:
+        return config[split]
+    d = config["dataset"]
+    return TokenSequences(storage, d["folder"], d["manifest"], split, config["spec"]["data"]["seq_len"])

@@ -1,7 +1,7 @@
 """The Ray Job entrypoint: ``python -m zeroplane.runtime.train.driver``.
 
 Reads the resolved spec from ``$ZEROPLANE_SPEC_JSON`` and the job id from ``$ZEROPLANE_JOB_ID``,
-prepares the data once (text -> tokenizer -> token arrays), then runs a Ray Train ``TorchTrainer``
+finds or prepares the dataset (Ray Data -> token shards in the storage), then runs a Ray Train ``TorchTrainer``
 whose workers run :func:`zeroplane.runtime.train.loop.train_loop_per_worker`. Writes
 ``<storage>/jobs/<job_id>/zeroplane_result.json`` at the end and exits non-zero on failure (without the
 interpreter's module teardown, see :func:`exit_now`).
@@ -18,44 +18,40 @@ from typing import Any, Dict
 
 from ... import layout
 from ...checkpoints import latest_complete
+from ...errors import SpecError
 from ...names import ENV_JOB_ID, ENV_SPEC_JSON
 from ...spec import JobSpec, parse_spec
 from ...storage import Storage
 
 
 def build_train_loop_config(spec: JobSpec, job_id: str, storage: Storage) -> Dict[str, Any]:
-    """Read and tokenize the data and collect everything the workers need.
+    """Find or prepare the job's dataset (:func:`zeroplane.runtime.train.prepare.ensure_dataset`, Ray Data
+    on the connected cluster) and collect everything the workers need: the dataset's location and
+    manifest (never its tokens), its tokenizer files, the spec.
 
-    When the job already has a complete checkpoint (a retried or resumed job), its tokenizer is reused
-    so token ids stay the same.
+    Raises:
+        SpecError: bad input (before any worker starts), or fewer tokens than one training and one
+            validation sequence of ``data.seq_len``.
     """
-    import tempfile
-
-    from .data import load_text, load_tokenizer_files, make_tokenizer, tokenize_split, tokenizer_files
+    from .prepare import ensure_dataset
 
     t0 = time.perf_counter()
-    text = load_text(spec.data)
+    ds = ensure_dataset(spec, storage)
+    seq_len = spec.data.seq_len
+    splits = ds.manifest["splits"]
+    n_train, n_val = splits["train"]["tokens"] // seq_len, splits["val"]["tokens"] // seq_len
+    if n_train < 1 or n_val < 1:
+        raise SpecError(f"data: dataset {ds.id} has {splits['train']['tokens']} training and {splits['val']['tokens']} "
+                        f"validation tokens: {n_train} and {n_val} sequences of seq_len={seq_len}; lower "
+                        "data.seq_len or give more text")
     newest = latest_complete(storage, job_id)
-    if newest is not None:
-        with tempfile.TemporaryDirectory() as d:
-            local = storage.download_dir(f"{newest.path}/{layout.CKPT_HF_DIR}", d)
-            files = {p.name: p.read_text(encoding="utf-8") for p in local.iterdir() if p.is_file()
-                     and not p.name.startswith("config")}
-        tokenizer = load_tokenizer_files(files, tempfile.mkdtemp(prefix="zeroplane-tok-"))
-        files = tokenizer_files(tokenizer)
-        origin = f"tokenizer of the step-{newest.step} checkpoint"
-    else:
-        tokenizer, files, origin = make_tokenizer(spec.tokenizer, text, spec.model.pretrained, storage)
-    train, val = tokenize_split(tokenizer, text, spec.data.seq_len, spec.data.validation_fraction)
-    print(f"[zeroplane] data: {len(text):,} chars -> {train.size + val.size:,} tokens "
-          f"(vocab {len(tokenizer):,}, {origin}); {len(train)} train / {len(val)} val sequences of "
-          f"{spec.data.seq_len} tokens; prepared in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(f"[zeroplane] data: dataset {ds.id}: {n_train:,} train / {n_val:,} val sequences of {seq_len} tokens "
+          f"(vocab {ds.manifest['tokenizer']['vocab_size']:,}); ready in {time.perf_counter() - t0:.1f}s", flush=True)
     return {
         "spec": spec.model_dump(mode="json"),
         "job_id": job_id,
-        "tokenizer_files": files,
-        "train": train,
-        "val": val,
+        "tokenizer_files": ds.tokenizer_files,
+        "dataset": {"id": ds.id, "folder": ds.path, "manifest": {"dtype": ds.manifest["dtype"], "splits": splits}},
         "resume_path": newest.path if newest else None,
         "storage_uri": storage.uri,
         # The Storage itself travels too: its pyarrow filesystem carries the S3 endpoint (and static
@@ -106,26 +102,26 @@ def build_trainer(spec: JobSpec, job_id: str, storage: Storage, loop_config: Dic
 
     For ``s3://`` storage, Ray Train persists through ``storage.fs`` (``RunConfig.storage_filesystem``,
     with ``storage_path`` given as ``bucket/prefix/jobs``), the same filesystem zeroplane reads with.
+    ``failure.max_failures`` retries only worker loss; a mistake fails at once
+    (:class:`zeroplane.runtime.train.failures.WorkerLossOnlyPolicy`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
+    from .failures import ZeroplaneTorchTrainer
     from .loop import train_loop_per_worker
 
     scaling = build_scaling_config(spec)
-    ck = spec.checkpoint
     run = RunConfig(
         name=job_id,
         storage_path=storage.path(layout.JOBS_DIR),
         storage_filesystem=None if storage.is_local else storage.fs,
-        checkpoint_config=CheckpointConfig(
-            num_to_keep=ck.num_to_keep,
-            checkpoint_score_attribute=ck.score_attribute,
-            checkpoint_score_order=ck.score_order,
-        ),
+        # Retention is zeroplane's (checkpointing.apply_retention, after each marker): Ray's num_to_keep
+        # would delete a checkpoint that a registered version came from.
+        checkpoint_config=CheckpointConfig(num_to_keep=None),
         failure_config=FailureConfig(max_failures=spec.failure.max_failures),
     )
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
+    return ZeroplaneTorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                                 run_config=run)
 
 
 def main() -> int:

@@ -65,8 +65,9 @@ def _gather_peak_rss_mb(world: int) -> list:
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
     """Train one rank. ``config`` is built by the driver (see ``driver.build_train_loop_config``).
 
-    Keys: ``spec`` (JobSpec as dict), ``job_id``, ``tokenizer_files`` ({name: text}), ``train`` and
-    ``val`` (int32 arrays ``[n, seq_len]``), ``resume_path`` (fs path of a complete checkpoint or None),
+    Keys: ``spec`` (JobSpec as dict), ``job_id``, ``tokenizer_files`` ({name: text}), ``dataset`` (the
+    prepared dataset's folder and manifest; each rank reads only the sequences it trains on, see
+    ``data.open_split``), ``resume_path`` (fs path of a complete checkpoint or None),
     ``storage_uri``.
     """
     import numpy as np
@@ -82,7 +83,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     from ...spec.deepspeed import build_deepspeed_config
     from ...storage import Storage
     from . import checkpointing
-    from .data import BatchOrder, load_tokenizer_files
+    from .data import BatchOrder, load_tokenizer_files, open_split
     from .modeling import build_model, count_parameters, model_config, probe_ids
     from .tracking import Tracker, model_flop_per_token
 
@@ -98,11 +99,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     ds_config = build_deepspeed_config(spec, world)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     device = engine.device
-    train_arr: np.ndarray = config["train"]
-    val_arr: np.ndarray = config["val"]
+    storage = config.get("storage") or Storage.from_uri(config["storage_uri"])
+    train_arr, val_arr = open_split(config, "train", storage), open_split(config, "val", storage)  # read on demand
     order = BatchOrder(len(train_arr), t.micro_batch_size_per_worker, world, rank, t.seed)
     accum = t.gradient_accumulation_steps
-    storage = config.get("storage") or Storage.from_uri(config["storage_uri"])
     pid_t = torch.tensor([os.getpid()], dtype=torch.long)
     pids = [torch.zeros_like(pid_t) for _ in range(world)]
     dist.all_gather(pids, pid_t)
