@@ -55,6 +55,11 @@ PROGRESS_PREFIX = "ZEROPLANE_PROGRESS "
 # ------------------------------------------------------------------ serving
 #: ``import_path`` of the Serve application builder.
 SERVE_IMPORT_PATH = "zeroplane.runtime.serve.app:build_app"
+#: The Serve application of the one OpenAI base URL for all models (``/v1``; not a valid model name) and its
+#: builder; see ``zeroplane.runtime.serve.gateway``.
+GATEWAY_APP = "zeroplane_v1"
+GATEWAY_IMPORT_PATH = "zeroplane.runtime.serve.gateway:build_gateway"
+GATEWAY_PREFIX = "/v1"
 #: Deployment serving the stable version of a model's application (also the HTTP ingress).
 DEPLOYMENT = "ModelServer"
 #: Deployment serving the canary version of a traffic split.

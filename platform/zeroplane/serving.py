@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 from .errors import NotFoundError, SpecError, ZeroplaneError, first_line
 from . import names
 from .names import CANARY_DEPLOYMENT, DEPLOYMENT
-from .names import SERVE_IMPORT_PATH
+from .names import GATEWAY_APP, GATEWAY_IMPORT_PATH, GATEWAY_PREFIX, SERVE_IMPORT_PATH
 
 #: Extra replicas (percent of the target) Serve may start during a rollout: new before old stops.
 MAX_SURGE_PERCENT = 100
@@ -84,6 +84,8 @@ def app_config(name: str, version: Dict[str, Any], storage_uri: str, serve_defau
         "batch_wait_timeout_s": s["batch_wait_timeout_s"],
         "engine": s["engine"],
     }
+    if s["engine"] == "vllm":
+        return vllm_app_config(name, version, deployment, args["auth"], canary)
     deployments = [{"name": DEPLOYMENT, **deployment}]
     if canary is not None:
         if canary_percent is None or not 0 < canary_percent < 100:
@@ -99,6 +101,74 @@ def app_config(name: str, version: Dict[str, Any], storage_uri: str, serve_defau
         "import_path": SERVE_IMPORT_PATH,
         "args": args,
         "deployments": deployments,
+    }
+
+
+#: Builder of Ray Serve LLM's OpenAI application (``serve.engine: vllm``).
+VLLM_IMPORT_PATH = "ray.serve.llm:build_openai_app"
+
+
+def vllm_app_config(name: str, version: Dict[str, Any], deployment: Dict[str, Any], auth: bool,
+                    canary: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The Serve application serving a registered version with Ray Serve LLM (vLLM underneath).
+
+    One ``LLMConfig`` (``ray.serve.llm``): ``model_loading_config`` ``{"model_id": "NAME:vN", "model_source":
+    <version folder>}`` (requests name ``NAME:vN``), the replicas' ``autoscaling_config`` and
+    ``max_ongoing_requests`` as ``deployment_config``, the actor options' ``num_gpus`` as the engine's
+    ``tensor_parallel_size`` when above 1. Served at ``/<name>/v1`` like the other engines.
+
+    What it does not have yet: zeroplane's API keys, canary split and per-version metrics are implemented
+    in zeroplane's own ingress, which this application does not use; so deploying it needs ``auth`` off
+    (``--no-auth``, the deployer's explicit choice) and no canary.
+
+    Raises:
+        SpecError: ``auth`` on, or a canary, with ``serve.engine: vllm``.
+    """
+    if auth:
+        raise SpecError("serve.engine 'vllm' serves through Ray Serve LLM's own OpenAI app, which does not check "
+                        "zeroplane API keys yet; deploy with --no-auth if the endpoint is private, or use "
+                        "serve.engine 'continuous'")
+    if canary is not None:
+        raise SpecError("--canary is not supported with serve.engine 'vllm' yet; deploy the version whole")
+    actor = deployment.get("ray_actor_options") or {}
+    engine_kwargs: Dict[str, Any] = {}
+    gpus = actor.get("num_gpus") or 0
+    if gpus > 1:
+        engine_kwargs["tensor_parallel_size"] = int(gpus)
+    llm_config = {
+        "model_loading_config": {"model_id": f"{name}:{version['version']}", "model_source": version["uri"]},
+        "engine_kwargs": engine_kwargs,
+        "deployment_config": {"autoscaling_config": deployment["autoscaling_config"],
+                              "max_ongoing_requests": 64},
+    }
+    return {
+        "name": name,
+        "route_prefix": f"/{name}",
+        "import_path": VLLM_IMPORT_PATH,
+        "args": {"llm_configs": [llm_config]},
+    }
+
+
+def served_version(args: Dict[str, Any]) -> Optional[str]:
+    """The (stable) version an application's ``args`` serve: ``args["version"]``, or for a ``vllm`` application
+    the ``vN`` of its ``model_id`` ``NAME:vN``; None when neither is there."""
+    if args.get("version"):
+        return args["version"]
+    configs = args.get("llm_configs") or [{}]
+    model_id = ((configs[0] or {}).get("model_loading_config") or {}).get("model_id") or ""
+    return model_id.rpartition(":")[2] or None
+
+
+def gateway_config(storage_uri: str) -> Dict[str, Any]:
+    """The Serve application of the one OpenAI base URL ``http://<host>:<port>/v1`` (the body's ``model``
+    picks the application; see ``zeroplane.runtime.serve.gateway``). It always checks API keys (of
+    ``storage_uri``): it reaches every model, also those deployed with ``--no-auth``. One small replica."""
+    return {
+        "name": GATEWAY_APP,
+        "route_prefix": GATEWAY_PREFIX,
+        "import_path": GATEWAY_IMPORT_PATH,
+        "args": {"storage_path": storage_uri, "auth": True},
+        "deployments": [{"name": "OpenAIGateway", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}],
     }
 
 
@@ -154,7 +224,7 @@ class ServeClient:
         """
         self.apply(app)
         canary = (app["args"].get("canary") or {}).get("version")
-        return self.wait_running(app["name"], app["args"]["version"], timeout_s, progress, canary_version=canary)
+        return self.wait_running(app["name"], served_version(app["args"]), timeout_s, progress, canary_version=canary)
 
     def apply(self, app: Dict[str, Any]) -> None:
         """Send one application's config to Serve (the other applications' configs carried over) without
@@ -169,6 +239,8 @@ class ServeClient:
             if name != app["name"] and d.get("deployed_app_config"):
                 apps.append(d["deployed_app_config"])
         apps.append(app)
+        if GATEWAY_APP not in current and app["args"].get("storage_path"):
+            apps.append(gateway_config(app["args"]["storage_path"]))
         config = {"http_options": {"host": self.http_host, "port": self.http_port}, "applications": apps}
         try:
             self.client.deploy_applications(config)
@@ -202,7 +274,7 @@ class ServeClient:
             args = (d.get("deployed_app_config") or {}).get("args") or {}
             deps = d.get("deployments") or {}
             healthy = bool(deps) and all(x.get("status") == "HEALTHY" for x in deps.values())
-            if (status == "RUNNING" and healthy and args.get("version") == version
+            if (status == "RUNNING" and healthy and served_version(args) == version
                     and (args.get("canary") or {}).get("version") == canary_version):
                 return d
             if status in ("DEPLOY_FAILED", "UNHEALTHY"):
@@ -229,6 +301,8 @@ class ServeClient:
         counts = self.request_counts() if with_requests else None
         rows = []
         for name, d in apps.items():
+            if name == GATEWAY_APP:
+                continue
             deps = d.get("deployments") or {}
             versions = []
             for v in split_of(d):
@@ -285,6 +359,8 @@ class ServeClient:
         if name not in current:
             raise NotFoundError(f"no Serve application {name!r}; `zeroplane serve status` lists them")
         apps = [d["deployed_app_config"] for n, d in current.items() if n != name and d.get("deployed_app_config")]
+        if all(a.get("name") == GATEWAY_APP for a in apps):
+            apps = []  # the /v1 gateway alone serves nothing
         if apps:
             self.client.deploy_applications({"http_options": {"host": self.http_host, "port": self.http_port},
                                              "applications": apps})

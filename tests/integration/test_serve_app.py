@@ -614,3 +614,32 @@ def test_generation_past_the_request_timeout_ends_with_an_error(guard):
     assert events[-1] != "[DONE]", "a timed-out stream must not end as if complete"
     assert events[-1]["error"]["code"] == "request_timeout", events[-1]
     assert guard.client.get("/healthz").status_code == 200
+
+
+def test_one_openai_base_url_picks_the_application_by_model(server):
+    """The /v1 gateway next to the per-model prefix: ``model`` picks the application (and a version)."""
+    openai = pytest.importorskip("openai")
+    from ray import serve
+
+    from zeroplane.names import GATEWAY_APP, GATEWAY_PREFIX
+    from zeroplane.runtime.serve.gateway import build_gateway
+
+    serve.run(build_gateway({"storage_path": server.storage}), name=GATEWAY_APP, route_prefix=GATEWAY_PREFIX)
+    root = server.base_url.rsplit("/", 1)[0]
+    client = openai.OpenAI(base_url=f"{root}/v1", api_key=server.key, max_retries=0)
+    body = dict(prompt="ray serve", max_tokens=6, temperature=0)
+    direct = _complete(server, {**body, "model": "tiny"}).json()["choices"][0]["text"]
+    assert client.completions.create(model="tiny", **body).choices[0].text == direct
+    assert client.completions.create(model="tiny:v1", **body).choices[0].text == direct
+    streamed = client.completions.create(model="tiny", stream=True, **body)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == direct
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert chat.model == "tiny:v1"
+    listed = [m.id for m in client.models.list().data]  # every application (the guard app serves tiny too)
+    assert "tiny:v1" in listed and all(":v" in m for m in listed)
+    for model in ("tiny:v9", "nope"):
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=model, **body)
+    resp = httpx.post(f"{root}/v1/completions", json={**body, "model": "tiny"})
+    assert resp.status_code == 401  # the key is checked here too
+    serve.delete(GATEWAY_APP)

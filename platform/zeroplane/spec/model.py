@@ -459,10 +459,11 @@ class ServeSpec(_Strict):
     max_batch_size: int = Field(8, ge=1, description="Most requests in one forward pass of a replica (engine "
                                                      "continuous: the running batch; generate: one generate call).")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a replica waits to fill a batch.")
-    engine: Literal["continuous", "generate"] = Field(
+    engine: Literal["continuous", "generate", "vllm"] = Field(
         "continuous", description="Generation engine of each replica: 'continuous' (transformers' continuous "
                                   "batching: every request, greedy or sampled, streaming or not, in one running "
-                                  "batch) or 'generate' (batched generate for greedy non-streaming requests only).")
+                                  "batch), 'generate' (batched generate for greedy non-streaming requests only) or "
+                                  "'vllm' (Ray Serve LLM's OpenAI app with vLLM; GPU nodes with vllm installed).")
     auth: bool = Field(True, description="Require a bearer API key (zeroplane serve keys create). Only true in a "
                                          "job spec: keys are turned off at deploy time (--no-auth), never by a spec.")
 

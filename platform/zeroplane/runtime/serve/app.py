@@ -144,6 +144,21 @@ async def _close_events(events: Any) -> None:
         events.cancel()
 
 
+async def _event_response(events: Any) -> Any:
+    """The HTTP answer of a streamed request: its first item is ``{"status", "error"?}``; a 200 becomes an SSE
+    stream of the rest, anything else the JSON error."""
+    try:
+        first = await events.__anext__()
+    except BaseException:
+        await _close_events(events)
+        raise
+    if first["status"] != 200:
+        await _close_events(events)
+        return JSONResponse(status_code=first["status"], content={"error": first["error"]})
+    return StreamingResponse(_relay(events), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 class _Replica:
     """What both deployments share: the loaded :class:`.server.ModelCore` and Serve's health check."""
 
@@ -185,8 +200,12 @@ class ModelServer(_Replica):
     @_api.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
         """OpenAI-style model list: this version, plus the canary version and both weights in a split."""
+        await auth.authorize(self._core._keys, request.headers)
+        return {"object": "list", "data": self.models_api()}
+
+    def models_api(self) -> list:
+        """The ``data`` entries of ``/v1/models`` for this application (also asked by the ``/v1`` gateway)."""
         core = self._core
-        await auth.authorize(core._keys, request.headers)
         entry = {
             "id": core._served_id,
             "object": "model",
@@ -202,7 +221,7 @@ class ModelServer(_Replica):
             entry["weight_percent"] = 100.0 - core._split.weight_percent
             data.append({**entry, "id": core._split.canary_id, "version": core._args.canary.version,
                          "weight_percent": core._split.weight_percent})
-        return {"object": "list", "data": data}
+        return data
 
     @_api.get("/metrics")
     async def metrics(self, request: Request) -> PlainTextResponse:
@@ -229,11 +248,7 @@ class ModelServer(_Replica):
         except ZeroplaneError as e:
             core._observe(kind, e.http_status, started)
             raise
-        target = None
-        if core._split is not None:
-            model = body.get("model") if isinstance(body, dict) else None
-            if core._split.to_canary(model, request.headers.get("x-request-id")):
-                target = core._canary
+        target = self._target(body, request.headers.get("x-request-id"))
         streaming = isinstance(body, dict) and body.get("stream") is True
         if not streaming:
             if target is None:
@@ -244,18 +259,35 @@ class ModelServer(_Replica):
             events: Any = core.stream(kind, body, started)
         else:
             events = target.options(stream=True).stream_api.remote(kind, body)
+        return await _event_response(events)
+
+
+    def _target(self, body: Any, request_id: Any) -> Any:
+        """None to answer here, or the canary's handle (see :mod:`.canary`)."""
+        core = self._core
+        if core._split is None:
+            return None
+        model = body.get("model") if isinstance(body, dict) else None
+        return core._canary if core._split.to_canary(model, request_id) else None
+
+    async def gateway_api(self, kind: str, body: Any, request_id: Any) -> tuple:
+        """A non-streaming request forwarded by the ``/v1`` gateway (already authorized): routed through this
+        application's split like one sent to its own prefix. Returns ``(HTTP status, JSON body)``."""
+        target = self._target(body, request_id)
+        if target is None:
+            return await self._core.handle_api(kind, body)
+        return await target.handle_api.remote(kind, body)
+
+    async def gateway_stream(self, kind: str, body: Any, request_id: Any) -> Any:
+        """Streaming twin of :meth:`gateway_api`: ``{"status", "error"?}`` then SSE chunks."""
+        target = self._target(body, request_id)
+        events = (self._core.stream_api(kind, body) if target is None
+                  else target.options(stream=True).stream_api.remote(kind, body))
         try:
-            first = await events.__anext__()
-        except BaseException:
+            async for item in events:
+                yield item
+        finally:
             await _close_events(events)
-            raise
-        if first["status"] != 200:
-            await _close_events(events)
-            return JSONResponse(status_code=first["status"], content={"error": first["error"]})
-        return StreamingResponse(
-            _relay(events), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
 
 
 @serve.deployment(name=CANARY_DEPLOYMENT)
