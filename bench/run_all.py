@@ -36,7 +36,7 @@ BENCHES = {  # name -> (script, extra args, result files under bench/results/)
     "memory": ("memory_bench.py", [], ["memory_bench.json"]),
     "control": ("control_bench.py", [], ["control_bench.json"]),
     "promote": ("promote_bench.py", [], ["promote_bench.json"]),
-    "serve": ("serve_bench.py", ["--requests-per-client", "8", "--single-requests", "20"], ["serve_bench.json"]),
+    "serve": ("serve_bench.py", ["--mix-requests", "12", "--single-requests", "20"], ["serve_bench.json"]),
 }
 DEFAULT = ["train", "memory", "promote", "serve"]
 
@@ -70,15 +70,18 @@ def summarize(results: Dict[str, Any]) -> List[List[Any]]:
                      f"{r['mb_per_s']['consolidate + verify']:.0f} vs {r['mb_per_s']['copytree (baseline)']:.0f} MB/s "
                      f"({r['checkpoint']['mb']:.0f} MB)"])
     if (r := results.get("serve")):
-        rows.append(["serve", "p50 Serve path / in-process generate (1 client)", r["serve_over_in_process_p50_ratio"],
-                     f"{r['serve_added_p50_ms']:+.1f} ms"])
-        by = {(x["max_batch_size"], x["clients"]): x for x in r["serve"]}
-        if (8, 16) in by:
-            x = by[8, 16]
-            rows.append(["serve", "req/s Serve (batch 8, 16 clients) / in-process generate", x["req_per_s_over_in_process"],
-                         f"{x['req_per_s']:.1f} vs {r['in_process_generate']['req_per_s']:.1f} req/s, p99 {x['p99_ms']:.0f} ms"])
-        if (1, 16) in by and (8, 16) in by:
-            rows.append(["serve", "req/s batch 8 / batch 1 (16 clients)", by[8, 16]["req_per_s"] / by[1, 16]["req_per_s"], ""])
+        labels = {"mix_16_over_1_req_per_s": "req/s 16 clients / 1 client (mixed requests)",
+                  "streams_16_over_1_tokens_per_s": "tokens/s 16 streams / 1 stream",
+                  "serve_over_in_process_p50": "p50 Serve path / same engine in process (1 client)",
+                  "ttft_p95_16_over_p50_1": "TTFT p95 at 16 streams / p50 at 1"}
+        engines = r["engines"]
+        for key, label in labels.items():
+            for engine in ("continuous", "generate"):
+                if engine in engines:
+                    others = [f"{e} {engines[e]['ratios'][key]:.2f}" for e in engines if e != engine]
+                    rows.append(["serve", f"{label}, {engine}", engines[engine]["ratios"][key],
+                                 f"goal {r['goals'][key]:g}" + (f"; {', '.join(others)}" if others else "")])
+                    break
     return rows
 
 

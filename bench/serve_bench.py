@@ -1,18 +1,30 @@
-"""Serving benchmark: requests/s and p50/p99 latency of the zeroplane Serve app over real HTTP, for 1 and 16
-concurrent clients, with batching off (max_batch_size 1) and on (max_batch_size 8), and the latency the Serve
-path adds over calling the same model's ``generate`` in this process (ratio of medians, one client), and each
-configuration's requests/s against in-process ``generate`` called back to back (1 / its median latency).
+"""Serving benchmark: the continuous batching engine next to the old batched-generate engine, same replica,
+same workload, one run, over real HTTP.
 
-Usage: ``python bench/serve_bench.py [--requests-per-client 12] [--max-tokens 16]``. Starts its own local Ray
-(``address="local"``, 4 logical CPUs) and one replica; the model is a 4-layer GPT-2 built from a config with a
-BPE tokenizer trained here (nothing downloaded). Prints a table and writes ``bench/results/serve_bench.json``
-and ``serve_bench.png``.
+For each engine (``serve.engine`` ``generate``, then ``continuous``; ``max_batch_size`` 16):
+
+* **mix** — requests whose prompt is 8–200 tokens and whose ``max_tokens`` is 16–128 (seeded draws), half
+  streaming and half sampled (temperature 0.8, seeded; the other half greedy), sent by 1 client and by 16
+  concurrent clients: requests/s of each, and their ratio (goal >= 4);
+* **streams** — 1 stream alone and 16 concurrent streams (32-token prompt, 64 new tokens, greedy):
+  aggregate generated tokens/s of each and their ratio (goal >= 4), and time to first token (TTFT): p95 at
+  16 streams over p50 at 1 stream (goal <= 3);
+* **Serve path** — one client, a greedy 16-token non-streaming request: p50 over HTTP over the p50 of the same
+  engine called in this process (goal <= 1.15).
+
+Usage: ``python bench/serve_bench.py [--mix-requests 12] [--engines generate,continuous]``. Starts its own
+local Ray (``address="local"``, 4 logical CPUs) and one replica (1 CPU; Ray gives it OMP_NUM_THREADS=1, and
+the in-process baselines run on one thread alike); the model is a 4-layer GPT-2 built from a config with a BPE
+tokenizer trained here (nothing downloaded). Prints a table and writes ``bench/results/serve_bench.json`` and
+``serve_bench.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import asyncio
+import json
+import random
 import socket
 import statistics
 import sys
@@ -31,7 +43,9 @@ CORPUS = [
     "deepspeed zero shards optimizer states across data parallel workers.",
     "a control plane trains, promotes and serves language models.",
 ] * 50
-PROMPT = "ray serve answers requests"
+#: Goals of the issue this benchmark answers (ratios).
+GOALS = {"mix_16_over_1_req_per_s": 4.0, "streams_16_over_1_tokens_per_s": 4.0,
+         "serve_over_in_process_p50": 1.15, "ttft_p95_16_over_p50_1": 3.0}
 
 
 def _free_port() -> int:
@@ -41,7 +55,7 @@ def _free_port() -> int:
 
 
 def build_model(path: Path):
-    """A 4-layer, 128-wide GPT-2 (~1 M parameters) and its tokenizer, saved to ``path``."""
+    """A 4-layer, 128-wide GPT-2 (~1 M parameters, 512-token context) and its tokenizer, saved to ``path``."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -49,7 +63,7 @@ def build_model(path: Path):
     bpe.train_from_iterator(CORPUS, vocab_size=512, min_frequency=1, special_tokens=["<|endoftext|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=len(tok), n_positions=256,
+    cfg = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=len(tok), n_positions=512,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     model = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
@@ -59,56 +73,114 @@ def build_model(path: Path):
     return model, tok
 
 
-def in_process_latencies(model, tok, n: int, max_tokens: int) -> list[float]:
-    """Seconds per greedy ``generate`` of ``max_tokens`` new tokens, in this process, on one thread (a Serve
-    replica with num_cpus 1 gets OMP_NUM_THREADS=1 from Ray, so both sides compute alike)."""
-    torch.set_num_threads(1)
-    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
-    out = []
-    with torch.inference_mode():
-        for i in range(n + 2):
-            t = time.perf_counter()
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                           do_sample=False, pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-            if i >= 2:  # warm-up
-                out.append(time.perf_counter() - t)
-    return out
+def prompt_of(tok, n_tokens: int) -> str:
+    """A prompt of about ``n_tokens`` tokens cut from the corpus."""
+    ids = tok(" ".join(CORPUS))["input_ids"][:n_tokens]
+    return tok.decode(ids)
 
 
-def http_run(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
-    """``clients`` threads each sending ``per_client`` completions back to back; latency stats and req/s."""
-    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+def mix_bodies(tok, n: int, seed: int) -> list[dict]:
+    """``n`` request bodies: prompts 8-200 tokens, max_tokens 16-128, every other one streaming, every other
+    pair sampled (temperature 0.8, seeded)."""
+    rng = random.Random(seed)
+    bodies = []
+    for i in range(n):
+        body = {"prompt": prompt_of(tok, rng.randint(8, 200)), "max_tokens": rng.randint(16, 128),
+                "temperature": 0.0, "stream": i % 2 == 0}
+        if (i // 2) % 2 == 0:
+            body.update(temperature=0.8, seed=rng.randrange(2**31))
+        bodies.append(body)
+    return bodies
 
-    def client(_):
-        lat = []
+
+def send(session: requests.Session, url: str, body: dict) -> dict:
+    """One completion; returns ``{"latency_s", "ttft_s" (streams), "tokens"}``."""
+    t = time.perf_counter()
+    if not body.get("stream"):
+        r = session.post(f"{url}/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return {"latency_s": time.perf_counter() - t, "tokens": r.json()["usage"]["completion_tokens"]}
+    ttft, tokens = None, 0
+    with session.post(f"{url}/v1/completions", json={**body, "stream_options": {"include_usage": True}},
+                      timeout=600, stream=True) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[len(b"data: "):])
+            if ttft is None and any(c.get("text") for c in event.get("choices", [])):
+                ttft = time.perf_counter() - t
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return {"latency_s": time.perf_counter() - t, "ttft_s": ttft, "tokens": tokens}
+
+
+def http_run(url: str, clients: int, bodies: list[dict]) -> dict:
+    """``clients`` threads sending ``bodies`` (client ``c`` takes every ``clients``-th one) back to back."""
+
+    def client(c):
         with requests.Session() as s:
-            for _ in range(per_client):
-                t = time.perf_counter()
-                r = s.post(f"{url}/v1/completions", json=body, timeout=300)
-                r.raise_for_status()
-                assert r.json()["usage"]["completion_tokens"] == max_tokens
-                lat.append(time.perf_counter() - t)
-        return lat
+            return [send(s, url, b) for b in bodies[c::clients]]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        lats = [x for part in pool.map(client, range(clients)) for x in part]
+        results = [x for part in pool.map(client, range(clients)) for x in part]
     wall = time.perf_counter() - started
-    return _stats(lats) | {"clients": clients, "requests": len(lats), "wall_s": wall, "req_per_s": len(lats) / wall}
+    lats = sorted(r["latency_s"] for r in results)
+    ttfts = sorted(r["ttft_s"] for r in results if r.get("ttft_s") is not None)
+    return {"clients": clients, "requests": len(results), "wall_s": wall, "req_per_s": len(results) / wall,
+            "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+            "p50_ms": statistics.median(lats) * 1e3, "p95_ms": _pct(lats, 0.95) * 1e3,
+            "ttft_p50_ms": statistics.median(ttfts) * 1e3 if ttfts else None,
+            "ttft_p95_ms": _pct(ttfts, 0.95) * 1e3 if ttfts else None}
 
 
-def _stats(lats: list[float]) -> dict:
-    s = sorted(lats)
-    p99 = s[min(len(s) - 1, max(0, int(round(0.99 * len(s))) - 1))]
-    return {"p50_ms": statistics.median(s) * 1e3, "p99_ms": p99 * 1e3, "mean_ms": statistics.fmean(s) * 1e3}
+def _pct(s: list[float], q: float) -> float:
+    return s[min(len(s) - 1, max(0, int(round(q * len(s))) - 1))]
+
+
+def in_process_p50_ms(engine_kind: str, model, tok, body: dict, n: int) -> float:
+    """p50 of the same request through the same engine called in this process (one thread), in ms."""
+    from zeroplane.runtime.serve.engine import ContinuousBatchingEngine, GenerateEngine, pad_id
+    from zeroplane.runtime.serve.protocol import Job
+
+    torch.set_num_threads(1)
+    ids = tok(body["prompt"])["input_ids"]
+    if engine_kind == "continuous":
+        engine = ContinuousBatchingEngine(model, tok.eos_token_id, 16)
+        engine.warmup()
+    else:
+        engine = GenerateEngine(model, torch.device("cpu"), tok.eos_token_id, pad_id(tok), 16, 0.01)
+
+    async def one() -> float:
+        t = time.perf_counter()
+        job = Job(ids, body["max_tokens"], 0.0, 1.0, None, time.monotonic() + 60)
+        if engine_kind == "continuous":
+            out = []
+            async for part in engine.generate(job, False):
+                out += part
+        else:  # the batched generate call itself (its @serve.batch queue needs a Serve replica)
+            out = engine._run_jobs([job])[0]
+        tok.decode(out, skip_special_tokens=True)
+        return time.perf_counter() - t
+
+    async def run() -> list[float]:
+        return [await one() for _ in range(n + 2)][2:]
+
+    try:
+        return statistics.median(asyncio.run(run())) * 1e3
+    finally:
+        engine.shutdown()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests-per-client", type=at_least(1), default=12, help="Requests each client sends (16 clients).")
-    ap.add_argument("--single-requests", type=at_least(1), default=30, help="Requests of the 1-client runs.")
-    ap.add_argument("--max-tokens", type=at_least(1), default=16, help="New tokens per request.")
+    ap.add_argument("--mix-requests", type=at_least(2), default=12, help="Mix requests of the 1-client run; "
+                                                                            "the 16-client run sends 3x as many.")
+    ap.add_argument("--single-requests", type=at_least(1), default=20, help="Requests of the Serve-path runs.")
+    ap.add_argument("--engines", default="generate,continuous", help="Engines to compare, in this order.")
     args = ap.parse_args()
+    engines = [e for e in args.engines.split(",") if e]
 
     import ray
     from ray import serve
@@ -118,56 +190,54 @@ def main() -> int:
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="zeroplane-bench-"))
     model, tok = build_model(tmp)
-    baseline = in_process_latencies(model, tok, args.single_requests, args.max_tokens)
+    path_body = {"prompt": prompt_of(tok, 16), "max_tokens": 16, "temperature": 0}
+    stream_body = {"prompt": prompt_of(tok, 32), "max_tokens": 64, "temperature": 0, "stream": True}
+    in_process = {e: in_process_p50_ms(e, model, tok, path_body, args.single_requests) for e in engines}
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/bench"
-    rows = []
+    runs = {}
     try:
-        for mbs in (1, 8):
+        for engine in engines:
             serve.run(build_app({"model_name": "bench", "version": "v1", "model_uri": str(tmp), "auth": False,
-                                 "max_tokens_cap": max(64, args.max_tokens), "max_batch_size": mbs, "batch_wait_timeout_s": 0.01}),
-                      name="bench", route_prefix="/bench")
-            http_run(url, 1, 3, args.max_tokens)  # warm-up
-            for clients, per in ((1, args.single_requests), (16, args.requests_per_client)):
-                r = http_run(url, clients, per, args.max_tokens)
-                rows.append({"max_batch_size": mbs, **r})
-                print(f"  batch {mbs:>2}  clients {clients:>2}: {r['req_per_s']:6.1f} req/s  "
-                      f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms", file=sys.stderr)
+                                 "max_tokens_cap": 128, "max_batch_size": 16, "batch_wait_timeout_s": 0.01,
+                                 "engine": engine}), name="bench", route_prefix="/bench")
+            http_run(url, 1, mix_bodies(tok, 4, seed=99))  # warm-up
+            r = {"path_1": http_run(url, 1, [path_body] * args.single_requests),
+                 "mix_1": http_run(url, 1, mix_bodies(tok, args.mix_requests, seed=1)),
+                 "mix_16": http_run(url, 16, mix_bodies(tok, 3 * 16 * max(1, args.mix_requests // 12), seed=2)),
+                 "stream_1": http_run(url, 1, [stream_body] * 4),
+                 "stream_16": http_run(url, 16, [stream_body] * 32)}
+            r["ratios"] = {
+                "mix_16_over_1_req_per_s": r["mix_16"]["req_per_s"] / r["mix_1"]["req_per_s"],
+                "streams_16_over_1_tokens_per_s": r["stream_16"]["tokens_per_s"] / r["stream_1"]["tokens_per_s"],
+                "serve_over_in_process_p50": r["path_1"]["p50_ms"] / in_process[engine],
+                "ttft_p95_16_over_p50_1": r["stream_16"]["ttft_p95_ms"] / r["stream_1"]["ttft_p50_ms"],
+            }
+            runs[engine] = r
+            print(f"  {engine}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()), file=sys.stderr)
             serve.delete("bench")
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    base = _stats(baseline)
-    base_rps = 1000.0 / base["p50_ms"]
-    for r in rows:
-        r["req_per_s_over_in_process"] = r["req_per_s"] / base_rps
-    single = next(r for r in rows if r["max_batch_size"] == 1 and r["clients"] == 1)
     result = {
         "benchmark": "serve", "machine": machine(),
         "model": {"layers": 4, "width": 128, "params": sum(p.numel() for p in model.parameters())},
-        "max_tokens": args.max_tokens,
-        "in_process_generate": {**base, "req_per_s": base_rps},
-        "serve": rows,
-        "serve_over_in_process_p50_ratio": single["p50_ms"] / base["p50_ms"],
-        "serve_added_p50_ms": single["p50_ms"] - base["p50_ms"],
+        "max_batch_size": 16, "goals": GOALS, "in_process_p50_ms": in_process, "engines": runs,
         "total_s": time.monotonic() - t0,
     }
-
-    print(f"\nserving: {result['model']['params'] / 1e6:.2f} M-param GPT-2, {args.max_tokens} new tokens per request, "
-          f"greedy; in-process generate: p50 {base['p50_ms']:.1f} ms = {base_rps:.1f} req/s back to back")
-    print(table(["max_batch_size", "clients", "req/s", "p50 ms", "p99 ms", "req/s vs in-process"],
-                [[r["max_batch_size"], r["clients"], r["req_per_s"], r["p50_ms"], r["p99_ms"],
-                  r["req_per_s_over_in_process"]] for r in rows]))
-    print(f"Serve path (1 client, batch 1) p50 {single['p50_ms']:.1f} ms: "
-          f"{result['serve_over_in_process_p50_ratio']:.2f}x in-process ({result['serve_added_p50_ms']:+.1f} ms)")
+    print(f"\nserving: {result['model']['params'] / 1e6:.2f} M-param GPT-2, one replica, max_batch_size 16")
+    keys = ["mix_1", "mix_16", "stream_1", "stream_16", "path_1"]
+    print(table(["engine", "run", "req/s", "tokens/s", "p50 ms", "p95 ms", "TTFT p50 ms", "TTFT p95 ms"],
+                [[e, k, runs[e][k]["req_per_s"], runs[e][k]["tokens_per_s"], runs[e][k]["p50_ms"], runs[e][k]["p95_ms"],
+                  runs[e][k]["ttft_p50_ms"] or 0.0, runs[e][k]["ttft_p95_ms"] or 0.0] for e in runs for k in keys]))
+    print(table(["ratio", "goal"] + list(runs), [[k, g] + [runs[e]["ratios"][k] for e in runs] for k, g in GOALS.items()]))
     out = write_result("serve_bench", result)
-    labels = [f"batch {r['max_batch_size']}, {r['clients']} client{'s' if r['clients'] > 1 else ''}" for r in rows]
-    png = bar_plot("serve_bench", "Ray Serve requests/s (in-process generate back to back: dashed)",
-                   labels, {"req/s": [r["req_per_s"] for r in rows]}, "req/s", hline=base_rps)
+    png = bar_plot("serve_bench", "Serving ratios per engine (goal lines in the README)", list(GOALS),
+                   {e: [runs[e]["ratios"][k] for k in GOALS] for e in runs}, "ratio")
     print(f"wrote {out} and {png} ({result['total_s']:.0f} s)")
     return 0
 
