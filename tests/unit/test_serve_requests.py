@@ -243,3 +243,18 @@ def test_protocol_and_request_path_import_without_torch_or_ray():
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_stream_closed_at_a_yield_closes_its_engine_job_at_once():
+    engine = ScriptedEngine(byte_tokenizer()(SCRIPT_TEXT)["input_ids"])
+    rec = Recorder()
+    c = core(engine=engine, metrics=rec)
+
+    async def run():
+        events = c.stream("completions", {"prompt": "hi", "max_tokens": 64, "stream": True}, time.monotonic())
+        assert await events.__anext__() == {"status": 200}
+        assert (await events.__anext__()).startswith("data: ")  # a text chunk: both generators sit at a yield
+        await events.aclose()  # what the HTTP layer does when the client hangs up
+        return engine.closed
+
+    assert asyncio.run(run()) == 1 and rec.seen[-1][1] == 499

@@ -2,7 +2,7 @@
 messages and the error shape.
 
 Imports neither torch nor Ray (nor FastAPI), so the request rules are unit-tested without a replica
-(``tests/unit/test_serve_protocol.py``). Every client mistake becomes an :class:`APIError` whose message names
+(``tests/unit/test_serve_requests.py``). Every client mistake becomes an :class:`APIError` whose message names
 the field, the value and the limit or fix; :func:`error_body` is the OpenAI error JSON of any
 :class:`zeroplane.errors.ZeroplaneError`.
 """

@@ -336,11 +336,12 @@ class ModelCore:
             return sse({**head, "choices": [choice]})
 
         assembler = self._assembler(p)
+        deltas = self._choice(p, 0, assembler)
         status = 499  # until the stream completes: the client went away
         try:
             if chat:
                 yield chunk(None, None, first=True)
-            async for delta in self._choice(p, 0, assembler):
+            async for delta in deltas:
                 yield chunk(delta, None)
             yield chunk(None if chat else "", assembler.finish_reason)
             if p.include_usage:
@@ -353,6 +354,9 @@ class ModelCore:
             status = e.http_status
             yield sse(error_body(e))
         finally:
+            # A client that hangs up closes this generator at a yield, where the choice's generator is suspended
+            # too: close it now (its engine job is cancelled and the slot freed) rather than when it is collected.
+            await deltas.aclose()
             self._observe(kind, status, started, assembler.n_tokens)
 
     # ---------------------------------------------------------------------------------- request parsing

@@ -5,7 +5,7 @@ the text a stream sends, joined, is exactly the text the same request gets witho
 engine's chunking (one token per step, or all tokens at once).
 
 Imports neither torch nor Ray: unit-tested with a plain byte-level tokenizer
-(``tests/unit/test_serve_text.py``).
+(``tests/unit/test_serve_requests.py``).
 """
 
 from __future__ import annotations
