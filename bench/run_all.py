@@ -37,6 +37,7 @@ BENCHES = {  # name -> (script, extra args, result files under bench/results/)
     "control": ("control_bench.py", [], ["control_bench.json"]),
     "promote": ("promote_bench.py", [], ["promote_bench.json"]),
     "serve": ("serve_bench.py", ["--mix-requests", "12", "--single-requests", "20"], ["serve_bench.json"]),
+    "data": ("data_bench.py", [], ["data_bench.json"]),
 }
 DEFAULT = ["train", "memory", "promote", "serve"]
 
@@ -82,6 +83,16 @@ def summarize(results: Dict[str, Any]) -> List[List[Any]]:
                     rows.append(["serve", f"{label}, {engine}", engines[engine]["ratios"][key],
                                  f"goal {r['goals'][key]:g}" + (f"; {', '.join(others)}" if others else "")])
                     break
+    if (r := results.get("data")):
+        q = r["ratios"]
+        for key, what in (("driver_peak_rss_10x_over_1x", "driver peak RSS, 10x / 1x corpus"),
+                          ("worker_peak_rss_10x_over_1x", "worker peak RSS, 10x / 1x corpus"),
+                          ("ray_data_over_single_process_tokens_per_s", "prep tokens/s Ray Data / one process"),
+                          ("shards_over_in_memory_tokens_per_s", "train tokens/s shards / in-memory arrays"),
+                          ("first_over_second_job_start", "start -> first step, first job / second (reuse)"),
+                          ("first_over_second_data_ready", "start -> data ready, first job / second (reuse)")):
+            if key in q:
+                rows.append(["data", what, q[key], ""])
     return rows
 
 
