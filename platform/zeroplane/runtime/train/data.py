@@ -1,8 +1,10 @@
-"""Training text, tokenizer and the deterministic batch order.
+"""Tokenizers, the shard reader and the deterministic batch order.
 
-The corpus is read and tokenized once, in the job driver; workers receive the token arrays. The batch
-order is a pure function of ``(seed, micro-batch index, rank)``, so a resumed job continues with exactly
-the batches an uninterrupted job would have seen next (including across epoch boundaries).
+The corpus is tokenized once into token shards by :mod:`.prepare`; each worker reads the sequences it
+trains on from them (:class:`TokenSequences`). The batch order is a pure function of ``(seed, micro-batch
+index, rank)``, so a resumed job continues with exactly the batches an uninterrupted job would have seen
+next (including across epoch and shard boundaries). :func:`load_text` and :func:`tokenize_split` are the
+whole-corpus-in-one-process path, kept for small experiments and tests.
 """
 
 from __future__ import annotations
