@@ -304,7 +304,8 @@ def build_app(args: dict) -> serve.Application:
             ``s3://`` URI of a Hugging Face model folder), ``storage_path`` (storage root with
             ``serve/api_keys.json``; required when ``auth``), ``auth`` (bool, default true),
             ``max_tokens_cap`` (int, default 256), ``max_batch_size`` (int, default 8),
-            ``batch_wait_timeout_s`` (float seconds, default 0.01), ``key_cache_ttl_s`` (float
+            ``batch_wait_timeout_s`` (float seconds, default 0.01), ``engine`` (``"continuous"``, the
+            default, or ``"generate"``; see :mod:`.engine`), ``key_cache_ttl_s`` (float
             seconds, default 5), ``key_max_stale_s`` (float seconds, default 60), ``request_timeout_s``
             (float seconds, default 300), ``canary`` (optional ``{"version", "model_uri", "weight_percent"}``).
 

@@ -87,8 +87,8 @@ class ServeAppArgs(BaseModel):
     """Arguments of :func:`build_app` (the ``args`` of the Serve config's application entry).
 
     Unknown keys are rejected so that a misspelled option fails the deploy instead of being ignored.
-    ``auth``, ``max_tokens_cap``, ``max_batch_size`` and ``batch_wait_timeout_s`` take their defaults and
-    bounds from :class:`zeroplane.spec.model.ServeSpec` (the job spec's ``serve`` section).
+    ``auth``, ``max_tokens_cap``, ``max_batch_size``, ``batch_wait_timeout_s`` and ``engine`` take their
+    defaults and bounds from :class:`zeroplane.spec.model.ServeSpec` (the job spec's ``serve`` section).
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
