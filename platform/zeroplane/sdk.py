@@ -259,7 +259,9 @@ class Client:
         Raises:
             NotFoundError: no such job.
             ConflictError: the job is still running (stop it first).
-            SpecError: a bad override.
+            SpecError: a bad override, or ``scaling.num_workers`` other than the number of ranks that wrote
+                the checkpoint to resume from (DeepSpeed's ZeRO shards hold each rank's partition of the
+                optimizer state; nothing is submitted).
             ZeroplaneError: a preflight or the submission failed.
         """
         from .checkpoints import latest_complete
@@ -279,7 +281,16 @@ class Client:
             k += 1
         request = self.jobs.dryrun(spec, run, submission_id=f"{run}{names.RESUME_SUFFIX}{k}",
                                    pass_credentials=pass_credentials)
-        newest = latest_complete(Storage.for_checkpoint_spec(spec.checkpoint), run)
+        storage = Storage.for_checkpoint_spec(spec.checkpoint)
+        newest = latest_complete(storage, run)
+        if newest is not None:
+            ranks = storage.read_json(f"{newest.path}/{layout.CKPT_META}").get("world_size")
+            if ranks is not None and ranks != spec.scaling.num_workers:
+                raise SpecError(
+                    f"scaling.num_workers={spec.scaling.num_workers}: job {run}'s step-{newest.step} checkpoint was "
+                    f"written by {ranks} ranks, and each rank's ZeRO shard holds its own part of the optimizer "
+                    f"state, so it resumes only with {ranks} workers; use --set scaling.num_workers={ranks} "
+                    "(or start a new job from the promoted model)")
         self.jobs.submit(request)
         return Submission(job_id=request.submission_id, zeroplane_job_id=run, storage=request.storage_uri,
                           max_steps=spec.train.max_steps, resume_step=newest.step if newest else None)

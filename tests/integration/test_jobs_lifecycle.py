@@ -76,6 +76,11 @@ def test_stop_leaves_nothing_running_then_resume_continues_the_job(head):
     assert zp.jobs.live_actors(zp.jobs.info(job).ray_job_id) == []
     reached = max(c.step for c in zp.checkpoints(job))
 
+    # a resume with another number of workers than the ranks that wrote the checkpoint: refused, nothing sent
+    refused = CliRunner().invoke(main, ["train", "resume", job, "--set", "scaling.num_workers=1"])
+    assert refused.exit_code == 2, refused.output
+    assert "scaling.num_workers=1" in refused.output and "written by 2 ranks" in refused.output
+    assert "--set scaling.num_workers=2" in refused.output
     res = CliRunner().invoke(main, ["train", "resume", job, "--set", "train.max_steps=" + str(reached + 4),
                                     "--set", "train.warmup_steps=3", "-o", "json"])
     assert res.exit_code == 0, res.output

@@ -161,3 +161,49 @@ def test_worker_killed_mid_run_recovers_from_last_complete_checkpoint(ray_local,
     assert [s for s, _ in meta["loss_curve"]] == list(range(1, 26))
     rec = promote_checkpoint(storage, job_id, "tiny-survivor")
     assert rec["verification"]["ok"] and rec["source"]["step"] == 25
+
+
+def test_a_mistake_in_the_workers_fails_at_once_without_retries(runs, tmp_path):
+    """One worker resuming the 2-rank checkpoint (``train resume`` refuses that before submitting; here the
+    trainer is built directly, past that check): the worker's ZeroplaneError ends the run on its first
+    attempt although ``failure.max_failures=2`` — exactly one Ray Train worker process ever ran."""
+    import threading
+
+    import psutil
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from zeroplane.runtime.train.driver import build_train_loop_config, build_trainer
+
+    storage, straight, _, _, _ = runs
+    ckpt = next(c for c in list_checkpoints(storage, straight) if c.step == N)
+    spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml",
+                     [f"checkpoint.storage_path={tmp_path}", "scaling.num_workers=1", "failure.max_failures=2",
+                      f"train.max_steps={2 * N}", "data.max_chars=15000"])
+    mine = Storage.for_checkpoint_spec(spec.checkpoint)
+    job_id = f"itest-mistake-{int(time.time())}"
+    loop_config = build_train_loop_config(spec, job_id, mine)
+    loop_config["resume_path"] = ckpt.path
+
+    def train_workers() -> set:
+        found = set()
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                found.add(p.info["pid"])
+        return found
+
+    before, seen, done = train_workers(), set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.update(train_workers() - before)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(WorkerGroupError, match="written by 2 ranks, this job has 1"):
+            build_trainer(spec, job_id, mine, loop_config).fit()
+    finally:
+        done.set()
+        watcher.join()
+    assert len(seen) == 1, seen  # no second worker group: the mistake was not retried
