@@ -211,8 +211,12 @@ def train_tensorboard(zp, job_ids, port, host, resync_s, storage) -> None:
 
     from ..sdk import start_tensorboard
 
+    import signal
+    import sys
+
     dirs = zp.client.event_dirs(list(job_ids), storage)
     proc = start_tensorboard(dirs, host=host, port=port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped like Ctrl-C: TensorBoard ends with us
     click.echo(f"TensorBoard: http://{host}:{port}/  ({', '.join(f'{j}: {d}' for j, d in dirs.items())}); Ctrl-C stops it")
     try:
         while True:
