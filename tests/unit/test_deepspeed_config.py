@@ -192,3 +192,36 @@ def test_building_the_config_does_not_import_deepspeed():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("preset,width", [("tiny", 64), ("small", 256), ("gpt2-124m", 768)])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_buckets_follow_the_model_width(stage, preset, width):
+    """Hugging Face's ``auto`` values: reduce bucket hidden², stage-3 prefetch 0.9·hidden², persistence 10·hidden."""
+    zero = build_deepspeed_config(_spec(stage, model={"preset": preset}))["zero_optimization"]
+    want = {}
+    if stage >= 1:
+        want["reduce_bucket_size"] = width * width
+    if stage == 3:
+        want.update(stage3_prefetch_bucket_size=int(0.9 * width * width), stage3_param_persistence_threshold=10 * width)
+    got = {k: v for k, v in zero.items() if k in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                                                  "stage3_param_persistence_threshold")}
+    assert got == want
+
+
+def test_zero_buckets_width_sources_and_overrides():
+    from zeroplane.spec.deepspeed import model_hidden_size, zero_buckets
+
+    assert model_hidden_size(_spec(model={"preset": "small", "config": {"n_embd": 384, "n_head": 6}})) == 384
+    assert model_hidden_size(_spec(model={"architecture": "llama", "preset": "small"})) == 256
+    assert model_hidden_size(_spec(model={"architecture": "llama", "preset": None, "config": {"hidden_size": 96}})) == 96
+    # a pretrained folder without sizes in the spec: the workers pass its config's width; the spec alone says nothing
+    pretrained = _spec(3, model={"pretrained": "/models/x"})
+    assert model_hidden_size(pretrained) is None
+    assert "reduce_bucket_size" not in build_deepspeed_config(pretrained)["zero_optimization"]
+    assert build_deepspeed_config(pretrained, hidden_size=128)["zero_optimization"]["reduce_bucket_size"] == 128 ** 2
+    # an explicit override still wins
+    cfg = build_deepspeed_config(_spec(2, deepspeed={"overrides": {"zero_optimization": {"reduce_bucket_size": 5e8}}}))
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 5e8
+    with pytest.raises(ValueError, match="hidden_size"):
+        zero_buckets(2, 0)

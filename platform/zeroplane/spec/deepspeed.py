@@ -24,17 +24,63 @@ def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def build_deepspeed_config(spec: JobSpec, world_size: int | None = None) -> Dict[str, Any]:
+def model_hidden_size(spec: JobSpec) -> int | None:
+    """The model's width (``n_embd`` for gpt2, ``hidden_size`` otherwise) as the spec sets it through
+    ``model.preset`` and ``model.config``, without transformers; None when the spec does not say (a
+    pretrained folder without explicit sizes: its own config decides, read on the workers)."""
+    from .model import _config_kwargs
+
+    m = spec.model
+    sizes = _config_kwargs(m.architecture, None if (m.pretrained and "n_embd" not in m.config
+                                                     and "hidden_size" not in m.config) else m.preset, m.config)
+    width = sizes.get("n_embd", sizes.get("hidden_size"))
+    return width if isinstance(width, int) and not isinstance(width, bool) and width > 0 else None
+
+
+def zero_buckets(stage: int, hidden_size: int) -> Dict[str, int]:
+    """ZeRO communication buffers sized from the model's width, as Hugging Face's DeepSpeed integration
+    fills its ``"auto"`` values (``transformers/integrations/deepspeed.py``, ``HfTrainerDeepSpeedConfig.
+    trainer_config_finalize``), in elements:
+
+    * ``reduce_bucket_size`` = hidden² (stages 1-3): the gradient-reduction bucket. DeepSpeed's default,
+      5e8 elements (2 GB in fp32), is sized for billion-parameter models; with ``contiguous_gradients``
+      stage 2 keeps a buffer of that many elements, so small models paid it whole.
+    * ``stage3_prefetch_bucket_size`` = int(0.9 · hidden²) (stage 3): parameters gathered ahead of use
+      (default 5e7).
+    * ``stage3_param_persistence_threshold`` = 10 · hidden (stage 3): parameters smaller than this stay
+      whole on every rank instead of being gathered at each use (biases and LayerNorm weights; default 1e5,
+      which at small widths kept whole weight matrices unpartitioned).
+
+    Stage 0 gets nothing (no ZeRO buffers). ``deepspeed.overrides`` still wins over these.
+
+    Raises:
+        ValueError: ``hidden_size`` < 1.
+    """
+    if hidden_size < 1:
+        raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+    out: Dict[str, int] = {}
+    if stage >= 1:
+        out["reduce_bucket_size"] = hidden_size * hidden_size
+    if stage == 3:
+        out["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+        out["stage3_param_persistence_threshold"] = 10 * hidden_size
+    return out
+
+
+def build_deepspeed_config(spec: JobSpec, world_size: int | None = None,
+                           hidden_size: int | None = None) -> Dict[str, Any]:
     """Build the DeepSpeed config dict for ``spec``.
 
     Args:
         spec: a validated job spec.
         world_size: data-parallel ranks; defaults to ``spec.scaling.num_workers``.
+        hidden_size: the model's width, for the ZeRO buckets (:func:`zero_buckets`); defaults to
+            :func:`model_hidden_size` of the spec. With neither, DeepSpeed's default bucket sizes stay.
 
     Returns:
         A JSON-serialisable DeepSpeed config: batch sizes, AdamW optimizer, WarmupDecayLR scheduler
         (linear warmup to ``train.lr`` over ``warmup_steps``, then linear decay to 0 at ``max_steps``),
-        gradient clipping, precision, and ``zero_optimization`` for the stage and offloads;
+        gradient clipping, precision, and ``zero_optimization`` for the stage, offloads and buckets;
         ``deepspeed.overrides`` merged last.
 
     On CPU workers (``scaling.use_gpu: false``) without optimizer offload, the optimizer is
@@ -62,6 +108,9 @@ def build_deepspeed_config(spec: JobSpec, world_size: int | None = None) -> Dict
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     if ds.zero_stage in (1, 2):
         zero.update({"overlap_comm": bool(spec.scaling.use_gpu), "contiguous_gradients": True})
+    width = hidden_size or model_hidden_size(spec)
+    if width:
+        zero.update(zero_buckets(ds.zero_stage, width))
     cfg: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size_per_worker,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,

@@ -14,7 +14,8 @@ Rank 0 prints one progress line per ``log_every_n_steps`` steps::
 Events: ``start`` (with ``worker_pids``, the process id of every rank), ``resumed``, ``eval``, ``step``,
 ``checkpoint``, ``done``. Every event carries ``t``, rank 0's wall clock (Unix seconds) when it was
 printed; the last ``step`` event (before the final checkpoint) and ``done`` carry ``peak_rss_mb``, every
-rank's peak resident memory in MB so far. Every checkpoint's ``meta.json`` also carries the logged loss curve of the whole job so far (``loss_curve``:
+rank's peak resident memory in MB so far; the last ``step`` event also ``live_tensor_mb``, every rank's
+bytes held in tensors then (model states and DeepSpeed's buffers, see :func:`_gather_live_tensor_mb`). Every checkpoint's ``meta.json`` also carries the logged loss curve of the whole job so far (``loss_curve``:
 ``[[step, loss], …]``, restored and extended on resume), the worker pids and the resumes of this job
 (``resumes``).
 
@@ -62,6 +63,38 @@ def _gather_peak_rss_mb(world: int) -> list:
     return [round(float(p), 1) for p in peaks]
 
 
+def _gather_live_tensor_mb(world: int) -> list:
+    """Every rank's live tensor bytes in MB, in rank order (a collective): the sum over the distinct
+    storages of every tensor the process still references (``gc`` objects; parameters, gradients,
+    optimizer states, DeepSpeed's flat partitions and buckets), i.e. what an allocator's "allocated"
+    counter reports, without RSS's runtime, freed-but-kept memory and transient peaks. CPU has no such
+    counter in torch, hence the walk (about a second at GPT-2 124M); ``torch.cuda.memory_allocated``
+    is the same figure on a GPU."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.is_meta:
+                continue
+            storage = obj.untyped_storage()
+            key = (storage.data_ptr(), obj.device)
+        except (RuntimeError, ReferenceError):  # sparse/opaque tensors, dead weak proxies
+            continue
+        if key[0] and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    if torch.cuda.is_available():
+        total = max(total, torch.cuda.memory_allocated())
+    mine = torch.tensor([total / 2**20], dtype=torch.float64)
+    out = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(out, mine)
+    return [round(float(v), 1) for v in out]
+
+
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
     """Train one rank. ``config`` is built by the driver (see ``driver.build_train_loop_config``).
 
@@ -96,7 +129,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     cfg = model_config(spec.model, len(tokenizer), seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
     model = build_model(spec.model, cfg, t.seed)
     n_params = count_parameters(model)
-    ds_config = build_deepspeed_config(spec, world)
+    ds_config = build_deepspeed_config(spec, world, hidden_size=getattr(cfg, "hidden_size", None))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     device = engine.device
     storage = config.get("storage") or Storage.from_uri(config["storage_uri"])
@@ -196,6 +229,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                 metrics["val_loss"] = val_loss
             if step == end_step:  # before the final checkpoint: the training peak alone
                 metrics["peak_rss_mb"] = _gather_peak_rss_mb(world)
+                metrics["live_tensor_mb"] = _gather_live_tensor_mb(world)
             if rank == 0:
                 _emit("step", metrics)
             tracker.on_log(step, metrics, engine)
