@@ -22,6 +22,7 @@ Ray Data has in flight (one file's tokens for text/JSONL files), not by the corp
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import sys
@@ -165,16 +166,9 @@ def tokenize_documents(tok_json: str, eos_id: int, docs: List[List[str]], fracti
     if parts:
         last[np.cumsum([len(d) for d in docs if d]) - 1] = True
     encs = _tokenizer(tok_json).encode_batch(parts, add_special_tokens=False) if parts else []
-    lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(parts)) + last
-    flat = np.empty(int(lengths.sum()), dtype=np.int32)
-    pos = 0
-    for e, is_last in zip(encs, last):
-        n = len(e.ids)
-        flat[pos : pos + n] = e.ids
-        pos += n
-        if is_last:
-            flat[pos] = eos_id
-            pos += 1
+    ids = [e.ids + [eos_id] if is_last else e.ids for e, is_last in zip(encs, last)]  # each .ids builds a list
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(parts))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     rows = max(len(parts), 1)
     if not parts:
