@@ -112,7 +112,7 @@ def overrides(name: str, extra: list) -> list:
         base = ["model.preset=gpt2-124m", "data.seq_len=512", "train.micro_batch_size_per_worker=16",
                 "scaling.use_gpu=true", "scaling.resources_per_worker={CPU: 8, GPU: 1}"]
     return [f"name={name}", *base, "scaling.num_workers=1", "train.precision=bf16", f"train.max_steps={STEPS}",
-            "train.warmup_steps=10", "train.log_every_n_steps=5", "train.eval_every_n_steps=1000000",
+            f"train.warmup_steps={min(10, STEPS // 5)}", "train.log_every_n_steps=5", "train.eval_every_n_steps=1000000",
             "train.eval_batches=2", "checkpoint.every_n_steps=1000000", "failure.max_failures=0", *extra]
 
 
@@ -153,9 +153,9 @@ def serve(zp, job: str) -> dict:
         lat.append(time.perf_counter() - s)
         ok += r.status_code == 200
         text = text or (r.json()["choices"][0]["text"] if r.status_code == 200 else r.text[:200])
-    print(f"[gpu_check] served {rec.record['name']}:v{rec.record['version']}: {ok}/16 answered 200, "
+    print(f"[gpu_check] served {rec.record['name']}:{rec.record['version']}: {ok}/16 answered 200, "
           f"p50 {statistics.median(lat) * 1e3:.0f} ms; sample {text[:60]!r}", flush=True)
-    return {"version": f"{rec.record['name']}:v{rec.record['version']}", "requests": 16, "ok": ok,
+    return {"version": f"{rec.record['name']}:{rec.record['version']}", "requests": 16, "ok": ok,
             "p50_ms": statistics.median(lat) * 1e3, "max_ms": max(lat) * 1e3,
             "probe_diff": rec.record["verification"]["max_abs_logit_diff"],
             "probe_atol": rec.record["verification"]["atol"], "promote_and_requests_s": round(time.time() - t, 1)}
@@ -169,7 +169,7 @@ runs = [train(zp, "zero2-bf16", ["deepspeed.zero_stage=2"], peak["flop_per_s"]),
         train(zp, "zero3-offload-opt-bf16", ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu"],
               peak["flop_per_s"])]
 served = serve(zp, runs[0]["job_id"])
-print("\n| config | tokens/s (median, min-max) | model TFLOP/s | MFU vs measured bf16 peak | loss first -> last | job s |")
+print("\n| config | tokens/s (median, min-max) | model TFLOP/s | MFU vs measured peak | loss first -> last | job s |")
 print("|---|---:|---:|---:|---|---:|")
 for r in runs:
     print(f"| {r['config']} | {r['tokens_per_s']:,.0f} ({r['tokens_per_s_spread'][0]:,.0f}-{r['tokens_per_s_spread'][1]:,.0f}) "
