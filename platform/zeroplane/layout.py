@@ -13,6 +13,7 @@ Layout under a storage root (a local folder or ``s3://bucket/prefix``)::
     models/<name>/.claims/v<N>         version N taken by one promotion (created if absent, before the upload)
     serve/api_keys.json                hashed serving API keys
     serve/history/<name>.json          every rollout of application <name>: from, to, outcome (zeroplane.releases)
+    serve/releases/<name>.json         the newest gated canary release of <name>: status, every decision
     serve/api_keys.json.lock           local storage only: the lock every key-file update holds
     cache/tokenizers/<sha256>.json     BPE tokenizers trained by earlier jobs, by corpus + settings
 
@@ -165,6 +166,11 @@ def version_number(version: str) -> Optional[int]:
 def serve_history_file(name: str) -> str:
     """``serve/history/<name>.json``: the deployment history of application ``name`` (a checked model name)."""
     return f"serve/history/{name}.json"
+
+
+def release_file(name: str) -> str:
+    """``serve/releases/<name>.json``: the newest gated release of application ``name`` (a checked model name)."""
+    return f"serve/releases/{name}.json"
 
 
 def tokenizer_cache_file(key: str) -> str:

@@ -89,3 +89,9 @@ def check_name(value: str, what: str) -> str:
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise SpecError(f"{what} {value!r}: {NAME_RULE}")
     return value
+
+#: A gated canary release runs on the cluster as a Ray Job with this entrypoint (zeroplane.runtime.release);
+#: its input is the JSON document in ``ENV_RELEASE_JSON``; its job metadata kind is ``META_KIND_RELEASE``.
+RELEASE_ENTRYPOINT = "python -m zeroplane.runtime.release"
+ENV_RELEASE_JSON = "ZEROPLANE_RELEASE_JSON"
+META_KIND_RELEASE = "release"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
 from . import layout
-from .checkpoints import CheckpointInfo, inspect_checkpoint, latest_complete, list_checkpoints
+from .checkpoints import CheckpointInfo, check_local_copy, inspect_checkpoint, latest_complete, list_checkpoints
 from .errors import NotFoundError, SpecError, ZeroplaneError, first_line
 from .layout import CheckpointRef
 from .registry import Registry
@@ -337,6 +337,7 @@ def promote_checkpoint(storage: Storage, ref: Union[str, CheckpointRef], name: s
     try:
         say(f"downloading checkpoint {ckpt.uri} (step {ckpt.step}, {ckpt.size_bytes / 1e6:.1f} MB)")
         local = storage.download_dir(ckpt.path, work / "ckpt")
+        check_local_copy(storage, ckpt.path, local)  # sizes and SHA-256 recorded before the upload
         say("consolidating ZeRO shards into a Hugging Face folder")
         out = work / "model"
         chatter = io.StringIO()  # zero_to_fp32 prints and draws progress bars; errors still raise

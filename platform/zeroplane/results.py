@@ -206,6 +206,8 @@ class ServeApp:
             ``errors`` are None when Ray's metrics export could not be read.
         last_change: the newest entry of its deployment history (``{"id", "at", "command", "from", "to",
             "outcome", "reason", "restored", "decision_s"}``; see :mod:`zeroplane.releases`), or None.
+        release: its newest gated release (``{"id", "stable", "canary", "status", "percent", "decisions": [{"at",
+            "decision", "reason", "numbers", "percent"}], …}``; see :mod:`zeroplane.runtime.release`), or None.
     """
 
     name: str
@@ -214,6 +216,7 @@ class ServeApp:
     route_prefix: Optional[str] = None
     versions: List[Dict[str, Any]] = field(default_factory=list)
     last_change: Optional[Dict[str, Any]] = None
+    release: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict."""

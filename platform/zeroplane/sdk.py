@@ -23,6 +23,8 @@ from .backends.rayjobs import CREDENTIALS_WARNING, RayJobsBackend, new_job_id, p
 from .checkpoints import CheckpointInfo, list_checkpoints
 from .errors import ConflictError, NotFoundError, SpecError, ZeroplaneError, first_line  # noqa: F401  (the CLI's)
 from .registry import Registry, check_model_name, parse_ref
+from .releases import History, describe, rollback_target, rollout, state_of
+from .releases import describe as describe_state  # noqa: F401  (the CLI's)
 from .results import (ApiKeyInfo, ClusterStatus, JobPlan, JobStatus, ModelVersion, NewKey, Promotion, PromotePlan,
                       Rollback, ServeApp, Submission)
 from .spec import JobSpec, parse_spec
@@ -535,10 +537,11 @@ class Client:
     def promote(self, ref: str, name: str, storage: Optional[str] = None, deploy: bool = True,
                 dtype: str = "float32", overrides: Optional[Dict[str, Any]] = None,
                 progress: Optional[Callable[[str], None]] = None,
-                canary_percent: Optional[float] = None) -> Promotion:
+                canary_percent: Optional[float] = None, gate: bool = False) -> Promotion:
         """Consolidate + verify + register the newest complete checkpoint of job ``ref`` (or
         ``job@step`` / a checkpoint URI) as ``name:v<N>``, then deploy it with Ray Serve (see
-        :meth:`deploy`; ``canary_percent`` deploys it as a canary of the running version).
+        :meth:`deploy`; ``canary_percent`` deploys it as a canary of the running version, ``gate`` then
+        starts a gated release of it).
 
         Raises:
             SpecError: a bad name, reference or override.
@@ -553,14 +556,19 @@ class Client:
         url = None
         if deploy:
             url = self.deploy(name, rec["version"], storage=st.uri, overrides=overrides, progress=progress,
-                              canary_percent=canary_percent)
+                              canary_percent=canary_percent, gate=gate)
         return Promotion(record=rec, url=url)
 
     def deploy(self, name: str, version: Optional[str] = None, storage: Optional[str] = None,
                overrides: Optional[Dict[str, Any]] = None,
                progress: Optional[Callable[[str], None]] = None,
-               canary_percent: Optional[float] = None, timeout_s: float = 600.0) -> str:
+               canary_percent: Optional[float] = None, timeout_s: float = 600.0,
+               command: Optional[str] = None, gate: bool = False) -> str:
         """Deploy a registered version (newest by default); returns the application URL.
+
+        The rollout goes through :func:`zeroplane.releases.rollout`: recorded in the application's
+        history, refused before anything changes when a replica fits on no node, and undone (the
+        previous config serving again) when a replica fails to start or cannot be scheduled.
 
         Deploying to a running application is a zero-downtime in-place update (new replicas start
         before old ones stop). With ``canary_percent`` the version is deployed as a *canary* next to
@@ -576,15 +584,21 @@ class Client:
             progress: called with one-line progress messages.
             canary_percent: 0 < p < 100, or None for a plain deploy.
             timeout_s: seconds to wait for the rollout (default 600).
+            command: the operator's command, for the history (default ``serve deploy NAME:vN``).
+            gate: with ``canary_percent``: once the canary serves, start a gated release on the cluster
+                (:meth:`start_release`) that advances it on evidence or rolls it back.
 
         Raises:
             NotFoundError: no such version; or a canary with no running application to split with.
             SpecError: a bad override or percent.
-            ZeroplaneError: the version's files do not match its marker (:meth:`Registry.check_files`), Serve
-                rejected the config or the rollout did not finish in time.
+            ZeroplaneError: the version's files do not match its marker (:meth:`Registry.check_files`), or Serve
+                rejected the config.
+            RolloutFailed: the rollout failed and was undone (see :func:`zeroplane.releases.rollout`).
         """
         from .serving import app_config
 
+        if gate and canary_percent is None:
+            raise SpecError("--gate needs --canary PERCENT: a gated release starts from a canary, e.g. --canary 10 --gate")
         st = self.storage(storage)
         reg = Registry(st)
         rec = reg.get(name, version)
@@ -604,25 +618,59 @@ class Client:
             if progress:
                 progress(f"splitting {name}: {stable['version']} {100 - canary_percent:g}% / "
                          f"{rec['version']} {canary_percent:g}% (canary)")
-            base = _running_overrides(running)
+            base = running_overrides(running)
             merged = {**base, **(overrides or {}),
                       "autoscaling": {**base.get("autoscaling", {}), **((overrides or {}).get("autoscaling") or {})}}
             app = app_config(name, stable, st.uri, stable.get("serve_defaults") or {}, merged,
                              canary=rec, canary_percent=canary_percent)
-        sc.deploy(app, timeout_s=timeout_s, progress=progress)
+        what = f"{name}:{rec['version']}" + (f" --canary {canary_percent:g}" if canary_percent is not None else "")
+        rollout(sc, st, app, command or f"serve deploy {what}" + (" --gate" if gate else ""), timeout_s=timeout_s,
+                nodes=sc.node_resources(), progress=progress)
+        if gate:
+            job = self.start_release(name, stable, rec, canary_percent, st)
+            if progress:
+                progress(f"gated release started on the cluster (job {job}); `zeroplane serve status` shows it")
         return sc.url(name)
+
+    def start_release(self, name: str, stable: Dict[str, Any], canary: Dict[str, Any], percent: float,
+                      storage: Storage) -> str:
+        """Submit the gated release of ``canary`` (serving ``percent`` % next to ``stable``) as a Ray Job
+        running :mod:`zeroplane.runtime.release`; returns its job id.
+
+        Raises:
+            ZeroplaneError: the submission failed.
+        """
+        from .backends.rayjobs import PASSTHROUGH_ENV, UPLOAD_EXCLUDES
+
+        job_id = new_job_id(f"release-{name}")
+        cluster = {k: v for k, v in self.cluster.to_dict().items()
+                   if k in ("address", "dashboard_url", "serve_http_port", "local", "bind_host", "auth")}
+        doc = {"id": job_id, "name": name, "stable": stable, "canary": canary, "percent": percent,
+               "storage": storage.uri, "cluster": cluster}
+        env = {names.ENV_RELEASE_JSON: json.dumps(doc, default=str), "PYTHONUNBUFFERED": "1"}
+        env.update({k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k)})
+        pkg = os.path.dirname(os.path.abspath(__file__))
+        try:
+            return self.jobs.client.submit_job(
+                entrypoint=names.RELEASE_ENTRYPOINT, submission_id=job_id,
+                runtime_env={"py_modules": [pkg], "excludes": list(UPLOAD_EXCLUDES), "env_vars": env},
+                metadata={names.META_KIND: names.META_KIND_RELEASE, names.META_NAME: name})
+        except Exception as e:
+            raise ZeroplaneError(f"starting the gated release of {name}:{canary['version']} failed: {first_line(e)}; "
+                                 f"the canary keeps {percent:g}% of the traffic (`zeroplane serve rollback {name}` "
+                                 "ends it)") from None
 
     def rollback(self, name: str, storage: Optional[str] = None,
                  progress: Optional[Callable[[str], None]] = None, timeout_s: float = 600.0) -> Rollback:
-        """Undo the last rollout of ``name`` with the same zero-downtime update as :meth:`deploy`.
-
-        A traffic split is ended by dropping the canary (all traffic back to the stable version);
-        otherwise the version registered before the running one (registry order) is deployed, with
-        the running application's autoscaling, actor options and auth.
+        """Return ``name`` to what it served before the last change that took effect, as recorded in its
+        deployment history (:func:`zeroplane.releases.rollback_target`), with the running application's
+        autoscaling, actor options and auth, through the same watched rollout as :meth:`deploy`.
 
         Raises:
             SpecError: a bad name.
-            NotFoundError: the model is not served, or the running version is the oldest registered.
+            NotFoundError: the model is not served, no recorded change led to what serves now, or that
+                change was the first deployment.
+            RolloutFailed: the rollback itself failed and was undone.
         """
         from .serving import app_config
 
@@ -631,30 +679,48 @@ class Client:
         reg = Registry(st)
         sc = self.serve_client()
         running = sc.applications().get(name) or {}
-        args = (running.get("deployed_app_config") or {}).get("args") or {}
-        if not args.get("version"):
+        current = state_of(running.get("deployed_app_config"))
+        if current is None:
             raise NotFoundError(f"model {name} is not being served; nothing to roll back "
                                 "(`zeroplane serve status` lists the applications)")
-        current = args["version"]
-        canary = (args.get("canary") or {}).get("version")
-        if canary:
-            target, was = reg.get(name, current), canary
-        else:
-            versions = [r["version"] for r in reg.versions(name)]
-            if current not in versions or versions.index(current) == 0:
-                raise NotFoundError(f"{name}:{current} is the oldest registered version (versions: "
-                                    f"{', '.join(versions)}); there is no earlier version to roll back to")
-            target, was = reg.get(name, versions[versions.index(current) - 1]), current
+        target = rollback_target(History(st, name), current)
         if progress:
-            progress(f"rolling back {name}: {was} -> {target['version']}")
-        app = app_config(name, target, st.uri, target.get("serve_defaults") or {}, _running_overrides(running))
-        sc.deploy(app, timeout_s=timeout_s, progress=progress)
-        return Rollback(name=name, from_version=was, to_version=target["version"], url=sc.url(name))
+            progress(f"rolling back {name}: {describe(current)} -> {describe(target)}")
+        stable = reg.get(name, target["version"])
+        canary = reg.get(name, target["canary"]["version"]) if target.get("canary") else None
+        app = app_config(name, stable, st.uri, stable.get("serve_defaults") or {}, running_overrides(running),
+                         canary=canary, canary_percent=(target.get("canary") or {}).get("weight_percent"))
+        rollout(sc, st, app, f"serve rollback {name}", timeout_s=timeout_s, nodes=sc.node_resources(),
+                progress=progress)
+        displaced = (current.get("canary") or {}).get("version") or current["version"]
+        return Rollback(name=name, from_version=displaced, to_version=describe(target), url=sc.url(name))
 
-    def serve_status(self, with_requests: bool = True) -> List[ServeApp]:
+    def serve_history(self, name: str, storage: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The deployment history of application ``name``, oldest first (see :class:`zeroplane.releases.History`).
+
+        Raises:
+            SpecError: a bad name.
+        """
+        check_name(name)
+        return History(self.storage(storage), name).entries()
+
+    def serve_status(self, with_requests: bool = True, storage: Optional[str] = None) -> List[ServeApp]:
         """Serving applications: versions, weights, replicas and request counts (see ``ServeClient.status``;
-        ``with_requests`` reads the counts from Ray's metrics export, which lags by about 10 s)."""
-        return [ServeApp(**row) for row in self.serve_client().status(with_requests=with_requests)]
+        ``with_requests`` reads the counts from Ray's metrics export, which lags by about 10 s), each with
+        the newest entry of its deployment history from ``storage`` (what the last change did) and its
+        newest gated release."""
+        st = self.storage(storage)
+
+        def release_of(name: str) -> Optional[Dict[str, Any]]:
+            path = st.path(layout.release_file(name))
+            try:
+                return st.read_json(path) if st.exists(path) else None
+            except ValueError:
+                return None
+
+        return [ServeApp(**row, last_change=(History(st, row["name"]).entries() or [None])[-1],
+                         release=release_of(row["name"]))
+                for row in self.serve_client().status(with_requests=with_requests)]
 
     def serve_delete(self, name: str) -> None:
         """Remove the Serve application of model ``name``.
@@ -683,6 +749,48 @@ class Client:
             check_name(name)
         reg = Registry(self.storage(storage))
         return [ModelVersion(v) for m in ([name] if name else reg.models()) for v in reg.versions(m)]
+
+    def models_gc(self, name: Optional[str] = None, keep_latest: int = 0, delete: bool = False,
+                  storage: Optional[str] = None) -> Dict[str, Any]:
+        """List (and with ``delete`` remove) the registered versions no endpoint needs (see
+        :mod:`zeroplane.retention`): not serving, not a canary, not the rollback target, not among the
+        newest ``keep_latest`` of their model.
+
+        Returns:
+            ``{"keep": [{"name", "version", "uri", "why"}], "collect": [...], "deleted": ["name:vN"]}``.
+
+        Raises:
+            SpecError: a bad name or ``keep_latest`` < 0.
+            ZeroplaneError: Serve cannot be asked what it runs (nothing is deleted then).
+        """
+        from . import retention
+
+        if name:
+            check_name(name)
+        if keep_latest < 0:
+            raise SpecError(f"--keep-latest {keep_latest}: give 0 or more")
+        reg = Registry(self.storage(storage))
+        try:
+            served = {n: d.get("deployed_app_config") for n, d in self.serve_client().applications().items()}
+        except Exception as e:
+            raise ZeroplaneError(f"cannot ask Ray Serve which versions are deployed ({first_line(e)}); nothing was "
+                                 "deleted. Run `zeroplane models gc` with the cluster that serves this storage up") from None
+        keep, drop = retention.plan(reg, served, [name] if name else None, keep_latest)
+        deleted = retention.collect(reg, drop) if delete else []
+        return {"keep": keep, "collect": drop, "deleted": deleted}
+
+    def model_lineage(self, ref: str, storage: Optional[str] = None) -> Dict[str, Any]:
+        """Job → spec → checkpoint step → data → version → every deployment, for ``NAME[:vN]`` (newest by
+        default); see :func:`zeroplane.retention.lineage`.
+
+        Raises:
+            SpecError: a bad reference; NotFoundError: no such version.
+        """
+        from .retention import lineage
+
+        name, version = parse_ref(ref)
+        st = self.storage(storage)
+        return lineage(st, name, version or Registry(st).get(name)["version"])
 
     def create_key(self, name: Optional[str] = None, storage: Optional[str] = None, save: bool = False) -> NewKey:
         """Create a serving API key; only its hash is stored. ``save``: also write it to
@@ -735,7 +843,7 @@ class Client:
                         api_key=api_key, timeout_s=timeout_s, model=name)
 
 
-def _running_overrides(app_details: Dict[str, Any]) -> Dict[str, Any]:
+def running_overrides(app_details: Dict[str, Any]) -> Dict[str, Any]:
     """Overrides that keep a running application's autoscaling, actor options, auth and batch size."""
     cfg = app_details.get("deployed_app_config") or {}
     args = cfg.get("args") or {}

@@ -17,9 +17,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_version(path, seed: int) -> str:
+def tiny_version(path, seed: int, n_positions: int = 64) -> str:
     """A 2-layer GPT-2 + trained BPE tokenizer saved as a Hugging Face folder at ``path`` (weights differ
-    by ``seed``; the eos embedding is zeroed so that greedy decoding never stops early)."""
+    by ``seed``; the eos embedding is zeroed so that greedy decoding never stops early; a context of
+    ``n_positions`` tokens)."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -28,7 +29,7 @@ def tiny_version(path, seed: int) -> str:
     bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64,
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=n_positions,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     model = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():

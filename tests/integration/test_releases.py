@@ -122,6 +122,84 @@ def test_rollback_follows_the_recorded_history(head):
     assert ("serve deploy tiny:v3", "failed") in outcomes and outcomes[-1] == ("serve rollback tiny", "running")
 
 
+#: A gated release that decides within a test's time: one 12 s window per step (Ray's metrics agents
+#: export every few seconds), no held-out evaluation (these versions come from no job).
+FAST_RELEASE = {"steps": [50, 100], "window_s": 12, "min_requests": 5, "max_error_rate": 0.05,
+                "max_wait_windows": 4, "max_bits_per_byte_increase": None}
+#: A prompt of ~8 tokens asking for 12 more: over a 16-token context, within a 64-token one.
+LONG = {"prompt": "the quick brown fox jumps over the lazy dog", "max_tokens": 12, "temperature": 0}
+
+
+def _release_outcome(storage: str, timeout_s: float = 240) -> dict:
+    from zeroplane import layout
+    from zeroplane.storage import Storage
+
+    st = Storage.from_uri(storage)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        path = st.path(layout.release_file("tiny"))
+        rec = st.read_json(path) if st.exists(path) else {}
+        if rec.get("status") in ("promoted", "rolled back", "superseded"):
+            return rec
+        time.sleep(1.0)
+    raise AssertionError(f"the release did not finish in {timeout_s}s: {rec}")
+
+
+def _gated(head, tmp_path, seed: int, n_positions: int):
+    from zeroplane.registry import Registry
+    from zeroplane.storage import Storage
+
+    zp, storage, key = head
+    rec = Registry(Storage.from_uri(storage)).register(
+        "tiny", tiny_version(tmp_path / f"model-{seed}", seed, n_positions=n_positions),
+        {"source": {"job_id": "test", "step": seed}, "serve_defaults": {"release": FAST_RELEASE}})
+    url = zp.deploy("tiny", "v1", storage=storage, overrides=SMALL)
+    results: list = []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            r = requests.post(f"{url}/v1/completions", json=LONG, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+            results.append((r.status_code, r.json().get("model") if r.status_code == 200 else None))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        zp.deploy("tiny", rec["version"], storage=storage, canary_percent=50, gate=True)
+        outcome = _release_outcome(storage)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(timeout=180)
+    (row,) = [r for r in zp.serve_status(with_requests=False, storage=storage) if r.name == "tiny"]
+    return rec["version"], outcome, took, results, row
+
+
+def test_a_canary_whose_error_rate_exceeds_its_gate_is_rolled_back(head, tmp_path):
+    version, outcome, took, results, row = _gated(head, tmp_path, 8, n_positions=16)
+    assert outcome["status"] == "rolled back", outcome
+    last = outcome["decisions"][-1]
+    assert last["decision"] == "rollback" and "max_error_rate" in last["reason"], outcome["decisions"]
+    assert last["numbers"]["canary"]["error_rate"] > 0.05 and last["numbers"]["stable"]["errors"] == 0
+    assert [v["version"] for v in row.versions] == ["v1"] and row.release["status"] == "rolled back"
+    assert {m for s, m in results if s == 200} == {"tiny:v1"}  # only the canary failed requests
+    print(f"\ngated release, bad canary {version}: {len(results)} requests, "
+          f"{sum(s != 200 for s, _ in results)} failed (all on the canary); rolled back {took:.1f}s after the "
+          f"canary started: {last['reason']}")
+
+
+def test_a_canary_that_meets_its_gates_reaches_100_percent(head, tmp_path):
+    version, outcome, took, results, row = _gated(head, tmp_path, 9, n_positions=64)
+    assert outcome["status"] == "promoted", outcome
+    assert [d["decision"] for d in outcome["decisions"] if d["decision"] != "wait"] == ["advance", "advance"]
+    assert [v["version"] for v in row.versions] == [version]
+    assert results and all(s == 200 for s, _ in results), [r for r in results if r[0] != 200][:5]
+    commands = [e["command"] for e in head[0].serve_history("tiny", storage=head[1])]
+    assert any("advance to 100%" in c for c in commands), commands
+    print(f"\ngated release, good canary {version}: {len(results)} requests, 0 failed; 50% -> 100% in {took:.1f}s")
+
+
 def test_models_gc_removes_exactly_what_no_endpoint_needs(head, tmp_path):
     import json
 
@@ -133,17 +211,19 @@ def test_models_gc_removes_exactly_what_no_endpoint_needs(head, tmp_path):
 
     zp, storage, key = head
     reg = Registry(Storage.from_uri(storage))
-    for seed in (5, 6, 7):  # with v3 (broken) and v4 (unschedulable): five versions nobody serves
+    for seed in (5, 6, 7):  # with v3 (broken), v4 (unschedulable) and the gated ones: versions nobody serves
         reg.register("tiny", tiny_version(tmp_path / f"model-{seed}", seed), {"source": {"job_id": "test", "step": seed}})
     url = zp.deploy("tiny", "v1", storage=storage, overrides=SMALL)
     zp.deploy("tiny", "v2", storage=storage, canary_percent=10)
+    others = [r["version"] for r in reg.versions("tiny") if r["version"] not in ("v1", "v2")]
+    assert len(others) >= 5
     dry = CliRunner().invoke(main, ["models", "gc", "tiny", "--storage", storage, "-o", "json"])
     assert dry.exit_code == 0, dry.output
     plan = json.loads(dry.output)
-    assert sorted(r["version"] for r in plan["collect"]) == ["v3", "v4", "v5", "v6", "v7"] and plan["deleted"] == []
-    assert [r["version"] for r in reg.versions("tiny")] == [f"v{i}" for i in range(1, 8)]  # a dry run deletes nothing
+    assert sorted(r["version"] for r in plan["collect"]) == sorted(others) and plan["deleted"] == []
+    assert len(reg.versions("tiny")) == len(others) + 2  # a dry run deletes nothing
     done = CliRunner().invoke(main, ["models", "gc", "tiny", "--yes", "--storage", storage, "-o", "json"])
-    assert sorted(json.loads(done.output)["deleted"]) == ["tiny:v3", "tiny:v4", "tiny:v5", "tiny:v6", "tiny:v7"]
+    assert sorted(json.loads(done.output)["deleted"]) == sorted(f"tiny:{v}" for v in others)
     assert [r["version"] for r in reg.versions("tiny")] == ["v1", "v2"]
     assert {_ask(url, key).json()["model"] for _ in range(10)} <= {"tiny:v1", "tiny:v2"}
     pinned = requests.post(f"{url}/v1/completions", json={"prompt": "the", "max_tokens": 1, "model": "tiny:v2"},

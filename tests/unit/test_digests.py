@@ -156,3 +156,15 @@ def test_a_damaged_version_is_refused_before_any_replica_loads_it(tmp_path, dama
 def test_a_plain_folder_without_a_marker_is_loaded_unchecked(tmp_path):
     assert check_version_folder(_hf_folder(tmp_path), "plain") == 0
     assert not (tmp_path / "hf" / VERSION_MARKER).exists()
+
+
+def test_a_replica_refuses_an_altered_version_on_load(tmp_path):
+    from zeroplane.runtime.serve.server import fetch_model
+
+    storage = Storage.from_uri(str(tmp_path / "store"))
+    Registry(storage).register("tiny", _hf_folder(tmp_path), {"source": {"job_id": JOB, "step": 1}})
+    folder = Registry(storage).version_dir("tiny", "v1")
+    assert fetch_model(folder) == (folder, None)
+    _overwrite(Path(folder, "model.safetensors"))
+    with pytest.raises(ZeroplaneError, match=r"model.safetensors \(SHA-256 differs"):
+        fetch_model(folder)

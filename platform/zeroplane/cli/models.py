@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .context import pass_zp
-from .options import (ADDRESS, AUTOSCALING, CANARY, CLUSTER_READ, JOB_STORAGE, NO_AUTH, OUTPUT, STORAGE,
+from .options import (ADDRESS, AUTOSCALING, CANARY, CLUSTER_READ, GATE, JOB_STORAGE, NO_AUTH, OUTPUT, STORAGE,
                       pop_overrides)
 from .output import console, emit_json, fmt, show, table
 
@@ -18,28 +18,34 @@ from .output import console, emit_json, fmt, show, table
 @click.option("--no-deploy", is_flag=True, help="Register only; do not deploy with Ray Serve.")
 @AUTOSCALING
 @CANARY
+@GATE
 @NO_AUTH
 @click.option("--dry-run", is_flag=True, help="Show the checkpoint that would be promoted and the Serve config; change nothing.")
 @CLUSTER_READ
-def promote(zp, ref, name, storage, dtype, no_deploy, canary, no_auth, dry_run, output, **autoscaling) -> None:
+def promote(zp, ref, name, storage, dtype, no_deploy, canary, gate, no_auth, dry_run, output, **autoscaling) -> None:
     """Consolidate the newest complete checkpoint of REF (a job id, JOB@STEP or a checkpoint path),
     verify it, register it as NAME:v<N> and deploy it with Ray Serve (in place, without dropping requests,
     when NAME is already served; as a canary taking PERCENT % of the traffic with --canary)."""
     from ..sdk import check_name
 
     check_name(name, "--name")
-    if no_deploy and (canary is not None or no_auth):
+    if no_deploy and (canary is not None or no_auth or gate):
         from .output import UsageError
 
-        raise UsageError(f"--no-deploy with {'--canary' if canary is not None else '--no-auth'}: nothing is deployed; "
-                         "drop one of them")
+        flag = "--canary" if canary is not None else "--gate" if gate else "--no-auth"
+        raise UsageError(f"--no-deploy with {flag}: nothing is deployed; drop one of them")
+    if gate and canary is None:
+        from .output import UsageError
+
+        raise UsageError("--gate needs --canary PERCENT: a gated release starts from a canary, e.g. --canary 10 --gate")
     overrides = pop_overrides(autoscaling, no_auth)
     if dry_run:
         return emit_json(zp.client.promote_plan(ref, name, storage=storage, deploy=not no_deploy, overrides=overrides))
     con = console(stderr=True)
     with con.status("promoting") as status:
         res = zp.client.promote(ref, name, storage=storage, deploy=not no_deploy, dtype=dtype, overrides=overrides,
-                                progress=lambda m: (status.update(m), con.print(f"  {m}")), canary_percent=canary)
+                                progress=lambda m: (status.update(m), con.print(f"  {m}")), canary_percent=canary,
+                                gate=gate)
     if output == "json":
         return emit_json(res)
     rec, v = res.record, res.record["verification"]

@@ -43,6 +43,12 @@ CANARY = click.option(
     help="Deploy as a canary next to the running version, taking PERCENT % of the requests "
          "(end it with `serve deploy NAME:vN` or `serve rollback NAME`).")
 
+GATE = click.option(
+    "--gate", is_flag=True,
+    help="With --canary: advance the canary on evidence (held-out evaluation, then error rate and p95 latency "
+         "against the stable version, window by window; the spec's serve.release section) or roll it back, "
+         "automatically, from a job on the cluster.")
+
 _NO_AUTH_WARNING = "WARNING: --no-auth: the endpoint will answer anyone who can reach it"
 
 

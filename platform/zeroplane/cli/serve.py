@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .context import pass_zp
-from .options import ADDRESS, AUTOSCALING, CANARY, CLUSTER_READ, NO_AUTH, OUTPUT, STORAGE, pop_overrides
+from .options import ADDRESS, AUTOSCALING, CANARY, CLUSTER_READ, GATE, NO_AUTH, OUTPUT, STORAGE, pop_overrides
 from .output import emit_json, err, show, table
 
 
@@ -41,6 +41,10 @@ def serve_status(zp, no_requests, storage, output) -> None:
     for r in rows:
         if r.last_change:
             click.echo(f"{r.name}: last change #{r.last_change['id']} {_change_line(r.last_change)}")
+        if r.release:
+            rel, last = r.release, (r.release.get("decisions") or [{}])[-1]
+            click.echo(f"{r.name}: release {rel.get('id')} {rel.get('stable')} -> {rel.get('canary')}: {rel.get('status')}"
+                       + (f"; last decision {last.get('decision')}: {last.get('reason')}" if last else ""))
 
 
 def _change_line(e) -> str:
@@ -78,11 +82,12 @@ def serve_history(zp, name, storage, output) -> None:
 @click.argument("ref")
 @STORAGE
 @CANARY
+@GATE
 @AUTOSCALING
 @NO_AUTH
 @ADDRESS
 @pass_zp
-def serve_deploy(zp, ref, storage, canary, no_auth, **autoscaling) -> None:
+def serve_deploy(zp, ref, storage, canary, gate, no_auth, **autoscaling) -> None:
     """Deploy a registered version NAME[:vN] (newest by default). A running application is updated in
     place without dropping requests; --canary PERCENT splits the traffic with the running version instead."""
     from ..sdk import parse_model_ref
@@ -90,7 +95,7 @@ def serve_deploy(zp, ref, storage, canary, no_auth, **autoscaling) -> None:
     name, version = parse_model_ref(ref)
     overrides = pop_overrides(autoscaling, no_auth)
     url = zp.client.deploy(name, version, storage=storage, overrides=overrides,
-                           progress=lambda m: err(f"  {m}"), canary_percent=canary)
+                           progress=lambda m: err(f"  {m}"), canary_percent=canary, gate=gate)
     what = f"{ref} as a {canary:g}% canary" if canary is not None else ref
     click.echo(f"serving {what} at {url}/v1/completions")
 

@@ -443,6 +443,34 @@ def check_replica_actor_options(options: Dict[str, Any], field: str) -> None:
                         f"{', '.join(REPLICA_ACTOR_OPTIONS)}")
 
 
+class ReleaseSpec(_Strict):
+    """How a gated canary release advances (``promote|serve deploy --canary P --gate``; see
+    :mod:`zeroplane.gates` and :mod:`zeroplane.runtime.release`)."""
+
+    steps: List[float] = Field(
+        default_factory=lambda: [10.0, 50.0, 100.0],
+        description="Canary traffic percent at each step after the first window that passes its gates; the "
+        "last must be 100 (the canary becomes the stable version).")
+    window_s: float = Field(60.0, ge=5, le=86400, description="Seconds of traffic each decision looks at.")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="Largest canary error rate (status >= 400) in a window.")
+    max_p95_latency_ratio: float = Field(1.5, gt=1, description="Largest canary p95 latency / stable p95 latency in a window.")
+    min_requests: int = Field(20, ge=1, description="Canary requests a window needs before it decides anything.")
+    max_wait_windows: int = Field(3, ge=1, description="Windows in a row with fewer than min_requests before the "
+                                                      "release is rolled back (too little traffic to judge).")
+    max_bits_per_byte_increase: Optional[float] = Field(
+        0.05, ge=0,
+        description="Held-out evaluation before any traffic moves: the canary's bits per byte on held-out text "
+        "may exceed the stable version's by at most this much (null: no evaluation).")
+    eval_chars: int = Field(20000, ge=100, le=10_000_000, description="Characters of held-out text evaluated.")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_ok(cls, v: List[float]) -> List[float]:
+        if not v or v[-1] != 100 or any(not 0 < p <= 100 for p in v) or any(a >= b for a, b in zip(v, v[1:])):
+            raise ValueError(f"{v}: give increasing percents in (0, 100] ending with 100, e.g. [10, 50, 100]")
+        return v
+
+
 class ServeSpec(_Strict):
     """Defaults used by `zeroplane promote` when it deploys a version with Ray Serve.
 
@@ -466,6 +494,7 @@ class ServeSpec(_Strict):
                                   "'vllm' (Ray Serve LLM's OpenAI app with vLLM; GPU nodes with vllm installed).")
     auth: bool = Field(True, description="Require a bearer API key (zeroplane serve keys create). Only true in a "
                                          "job spec: keys are turned off at deploy time (--no-auth), never by a spec.")
+    release: ReleaseSpec = Field(default_factory=ReleaseSpec, description="Gated canary releases (--gate).")
 
     @field_validator("ray_actor_options")
     @classmethod

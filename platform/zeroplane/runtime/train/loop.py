@@ -261,6 +261,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                 persisted = ray.train.get_checkpoint()
                 checkpointing.write_marker(persisted, report)
                 _emit("checkpoint", {"step": step, "path": persisted.path})
+                ck = spec.checkpoint
+                checkpointing.apply_retention(storage, config["job_id"], ck.num_to_keep, ck.score_attribute,
+                                              ck.score_order)
                 tracker.on_checkpoint(step)
             dist.barrier()
             shutil.rmtree(local, ignore_errors=True)
