@@ -1,6 +1,6 @@
 """Rollouts that undo themselves, decided from Serve's reported state: the history file on real
 storage, the decisions of `watch` and `rollout` against a scripted Serve state sequence (the
-integration tests in tests/integration/test_releases.py run the same code against a real Serve)."""
+integration tests in tests/integration/test_releases_on_serve.py run the same code against a real Serve)."""
 
 from __future__ import annotations
 
