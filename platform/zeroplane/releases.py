@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from . import layout
 from .errors import NotFoundError, ZeroplaneError
+from .names import CANARY_DEPLOYMENT, DEPLOYMENT
 from .storage import Storage
 
 #: History entries kept per application (older ones are dropped on append).
@@ -262,6 +263,14 @@ def rollout(serve, storage: Storage, app: Dict[str, Any], command: str, timeout_
     try:
         if nodes is not None:
             check_fits(_replica_resources(app), nodes)
+        step = drain_step(before, app)
+        if step is not None:
+            say(f"draining canary {step['args']['canary']['version']} before removing it")
+            serve.apply(step)
+            applied = True
+            watch(serve.applications, name, state_of(step), timeout_s, schedule_timeout_s, say, stale=stale)
+            wait_stopped(serve.applications, name, DEPLOYMENT, max(1.0, timeout_s - (time.monotonic() - started)))
+            stale = messages_of(serve.applications().get(name) or {})
         serve.apply(app)
         applied = True
         watch(serve.applications, name, target, timeout_s, schedule_timeout_s, say, stale=stale)
@@ -281,6 +290,36 @@ def rollout(serve, storage: Storage, app: Dict[str, Any], command: str, timeout_
     history.update(entry["id"], outcome="running", duration_s=round(time.monotonic() - started, 2),
                    finished_at=now_iso())
     return {**entry, "outcome": "running"}
+
+
+def drain_step(before: Optional[Dict[str, Any]], app: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The intermediate config a rollout applies first when ``app`` removes the canary that ``before`` runs;
+    None when it does not.
+
+    Why: Serve deletes a deployment that leaves the config at once, while the old ingress replicas still
+    route a share of requests to it until they stop; a request queued for the deleted canary then waits
+    until its ingress replica is killed (an HTTP 500). The step is ``app`` with the old canary deployment
+    kept, unchanged, at ``weight_percent`` 0: the new ingress routes nothing to it, the old ingress
+    replicas finish against a live canary, and only then does ``app`` remove it.
+    """
+    old = ((before or {}).get("args") or {}).get("canary")
+    if not old or (app.get("args") or {}).get("canary") or app.get("import_path") != (before or {}).get("import_path"):
+        return None
+    canary_deployment = next((d for d in before.get("deployments") or [] if d.get("name") == CANARY_DEPLOYMENT), None)
+    return {**app, "args": {**app["args"], "canary": {**old, "weight_percent": 0.0}},
+            "deployments": [d for d in app.get("deployments") or [] if d.get("name") != CANARY_DEPLOYMENT]
+            + ([canary_deployment] if canary_deployment else [])}
+
+
+def wait_stopped(applications: Callable[[], Dict[str, Any]], name: str, deployment: str, timeout_s: float) -> None:
+    """Wait (at most ``timeout_s`` seconds; Serve bounds a replica's drain by its
+    ``graceful_shutdown_timeout_s``) until no replica of ``deployment`` in application ``name`` is stopping."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        replicas = (((applications().get(name) or {}).get("deployments") or {}).get(deployment) or {}).get("replicas") or []
+        if not any(r.get("state") == "STOPPING" for r in replicas):
+            return
+        time.sleep(POLL_S)
 
 
 def _restore(serve, name: str, before: Optional[Dict[str, Any]], timeout_s: float,

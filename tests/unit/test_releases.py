@@ -137,3 +137,56 @@ def test_two_processes_appending_lose_no_entry(tmp_path):
         p.join(60)
     ids = [e["id"] for e in History(Storage.from_uri(str(tmp_path)), "tiny").entries()]
     assert ids == list(range(1, 31))
+
+
+class FollowingServe:
+    """Serve that runs whatever was applied last; the ingress's old replica shows STOPPING on the first
+    read after each apply (what Serve reports while it drains)."""
+
+    def __init__(self, before):
+        self.applied, self.current, self.stopping = [], before, False
+
+    def applications(self):
+        replicas = [{"state": "RUNNING"}] + ([{"state": "STOPPING"}] if self.stopping else [])
+        self.stopping = False
+        return {"tiny": {"status": "RUNNING", "deployed_app_config": self.current,
+                         "deployments": {"ModelServer": {"status": "HEALTHY", "replicas": replicas}}}}
+
+    def apply(self, app):
+        self.applied.append(app)
+        self.current, self.stopping = app, True
+
+
+def _config(version, canary=None):
+    deployments = [{"name": "ModelServer", "ray_actor_options": {"num_cpus": 1}}]
+    args = {"version": version}
+    if canary:
+        args["canary"] = {"version": canary, "model_uri": f"/m/{canary}", "weight_percent": 50.0}
+        deployments.append({"name": "ModelServerCanary", "ray_actor_options": {"num_cpus": 0.5}})
+    return {"name": "tiny", "import_path": "x:build", "args": args, "deployments": deployments}
+
+
+def test_ending_a_split_first_drains_the_canary_then_removes_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(releases, "POLL_S", 0.0)
+    storage = Storage.from_uri(str(tmp_path))
+    before, promoted = _config("v1", canary="v2"), _config("v2")
+    serve = FollowingServe(before)
+    releases.rollout(serve, storage, promoted, "release: advance to 100%", timeout_s=30)
+    drain, final = serve.applied
+    assert final == promoted
+    # the new ingress (v2) with the old canary deployment kept unchanged, but routed nothing
+    assert drain["args"]["version"] == "v2" and drain["args"]["canary"] == {**before["args"]["canary"], "weight_percent": 0.0}
+    assert drain["deployments"] == [promoted["deployments"][0], before["deployments"][1]]
+    (entry,) = History(storage, "tiny").entries()  # one change in the history, not two
+    assert entry["to"] == {"version": "v2", "canary": None} and entry["outcome"] == "running"
+
+
+def test_a_rollout_that_keeps_or_adds_a_canary_is_applied_in_one_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(releases, "POLL_S", 0.0)
+    storage = Storage.from_uri(str(tmp_path))
+    assert releases.drain_step(None, _config("v1")) is None
+    assert releases.drain_step(_config("v1"), _config("v1", canary="v2")) is None
+    assert releases.drain_step(_config("v1", canary="v2"), _config("v1", canary="v3")) is None
+    serve = FollowingServe(_config("v1"))
+    releases.rollout(serve, storage, _config("v1", canary="v2"), "serve deploy tiny:v2 --canary 50", timeout_s=30)
+    assert serve.applied == [_config("v1", canary="v2")]

@@ -47,6 +47,7 @@ wedged or a key store read hangs (:meth:`.server.ModelCore.health`), so Serve re
 # No ``from __future__ import annotations`` here: @serve.ingress ships the routes to replicas with
 # cloudpickle, which keeps only the globals a function's code uses, so FastAPI could not resolve a
 # string annotation such as "Request" there and would treat ``request`` as a query parameter.
+import logging
 import time
 from typing import Any
 
@@ -54,6 +55,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zeroplane.errors import ZeroplaneError
@@ -68,6 +71,12 @@ from zeroplane.runtime.serve.protocol import (
     default_chat_prompt, error_body, parse_args, validation_message,
 )
 from zeroplane.runtime.serve.server import ModelCore
+
+logger = logging.getLogger("ray.serve")
+
+#: What a handle call to the canary raises when Serve has removed (or is removing) the canary deployment or
+#: the replica it picked: when a release ends a split, the old ingress replica keeps routing until it stops.
+_CANARY_GONE = (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)
 
 _validation_message = validation_message
 _ModelCore = ModelCore
@@ -253,13 +262,31 @@ class ModelServer(_Replica):
         if not streaming:
             if target is None:
                 return await core.answer(kind, body, started)
-            status, payload = await target.handle_api.remote(kind, body)
+            try:
+                status, payload = await target.handle_api.remote(kind, body)
+            except _CANARY_GONE as e:
+                self._canary_gone(body, e)
+                return await core.answer(kind, body, started)
             return JSONResponse(status_code=status, content=payload)
         if target is None:
-            events: Any = core.stream(kind, body, started)
-        else:
-            events = target.options(stream=True).stream_api.remote(kind, body)
-        return await _event_response(events)
+            return await _event_response(core.stream(kind, body, started))
+        try:
+            return await _event_response(target.options(stream=True).stream_api.remote(kind, body))
+        except _CANARY_GONE as e:
+            self._canary_gone(body, e)
+            return await _event_response(core.stream(kind, body, started))
+
+    def _canary_gone(self, body: Any, error: BaseException) -> None:
+        """A request drawn for the canary found it gone (a release just ended the split and Serve removed the
+        canary deployment before this old ingress replica stopped): the stable version answers it instead,
+        unless the request named the canary version itself, which gets a 503 to retry."""
+        split = self._core._split
+        model = body.get("model") if isinstance(body, dict) else None
+        if model == split.canary_id:
+            raise APIError(503, f"model {model}: that version is being removed from this endpoint; retry, or "
+                                f"name {split.stable_id}", param="model", code="model_unavailable") from error
+        logger.info("canary %s unavailable (%s); answering with %s", split.canary_id, type(error).__name__,
+                    split.stable_id)
 
 
     def _target(self, body: Any, request_id: Any) -> Any:
@@ -274,16 +301,39 @@ class ModelServer(_Replica):
         """A non-streaming request forwarded by the ``/v1`` gateway (already authorized): routed through this
         application's split like one sent to its own prefix. Returns ``(HTTP status, JSON body)``."""
         target = self._target(body, request_id)
-        if target is None:
-            return await self._core.handle_api(kind, body)
-        return await target.handle_api.remote(kind, body)
+        if target is not None:
+            try:
+                return await target.handle_api.remote(kind, body)
+            except _CANARY_GONE as e:
+                try:
+                    self._canary_gone(body, e)
+                except APIError as refused:
+                    return refused.http_status, error_body(refused)
+        return await self._core.handle_api(kind, body)
 
     async def gateway_stream(self, kind: str, body: Any, request_id: Any) -> Any:
         """Streaming twin of :meth:`gateway_api`: ``{"status", "error"?}`` then SSE chunks."""
         target = self._target(body, request_id)
-        events = (self._core.stream_api(kind, body) if target is None
-                  else target.options(stream=True).stream_api.remote(kind, body))
+        first = None
+        if target is not None:
+            events: Any = target.options(stream=True).stream_api.remote(kind, body)
+            try:
+                first = await events.__anext__()
+            except _CANARY_GONE as e:
+                await _close_events(events)
+                try:
+                    self._canary_gone(body, e)
+                except APIError as refused:
+                    yield {"status": refused.http_status, "error": error_body(refused)["error"]}
+                    return
+            except BaseException:
+                await _close_events(events)
+                raise
+        if first is None:
+            events = self._core.stream_api(kind, body)
         try:
+            if first is not None:
+                yield first
             async for item in events:
                 yield item
         finally:

@@ -65,7 +65,9 @@ class CanaryArgs(BaseModel):
     version: str = Field(min_length=1, description="Canary model version, e.g. 'v2'.")
     model_uri: str = Field(min_length=1, description="Local folder or s3:// URI of the canary's model folder.")
     weight_percent: float = Field(
-        gt=0, lt=100, description="Percent of requests (not pinned to a version) sent to the canary; 0 < w < 100."
+        ge=0, lt=100, description="Percent of requests (not pinned to a version) sent to the canary; 0 <= w < 100. "
+        "0 is the drain step of a rollout that removes the canary (:func:`zeroplane.releases.rollout`): "
+        "the ingress no longer routes to it while the old ingress replicas finish.",
     )
 
 
@@ -133,7 +135,7 @@ class ServeAppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _storage_needed_for_auth(self) -> "ServeAppArgs":
-        if self.canary is not None and self.canary.version == self.version:
+        if self.canary is not None and self.canary.version == self.version and self.canary.weight_percent > 0:
             raise ValueError(
                 f"canary.version {self.canary.version!r} equals version; a canary must be another version"
             )

@@ -151,7 +151,7 @@ class ModelCore:
         self._canary = canary
         split = self._args.canary
         self._split = (CanarySplit(self._served_id, f"{self._name}:{split.version}", split.weight_percent)
-                       if split is not None and canary is not None else None)
+                       if split is not None and canary is not None and split.weight_percent > 0 else None)
         self._canary_id = self._split.canary_id if self._split else None
         self._keys = (
             auth.KeyCache(Storage.from_uri(self._args.storage_path), self._args.key_cache_ttl_s,
