@@ -54,21 +54,34 @@ def runs(ray_local, tmp_path_factory):
     stamp = int(time.time())
     straight, stopped = f"itest-straight-{stamp}", f"itest-resumed-{stamp}"
     storage, _ = _fit(root, straight)
-    _, first = _fit(root, stopped, f"train.stop_after_steps={N}")
-    _, second = _fit(root, stopped)  # same job id, same storage: resumes at step N
-    return storage, straight, stopped, first, second
+    # the stopped job checkpoints twice as often and keeps one: retention deletes checkpoints Ray registered
+    keep_one = [f"checkpoint.every_n_steps={N // 2}", "checkpoint.num_to_keep=1"]
+    _, first = _fit(root, stopped, f"train.stop_after_steps={N}", *keep_one)
+    first_meta = _meta(storage, stopped, N)  # read now: retention deletes it once the resumed run checkpoints
+    assert [c.step for c in list_checkpoints(storage, stopped)] == [N]
+    _, second = _fit(root, stopped, *keep_one)  # same job id, same storage: resumes at step N
+    return storage, straight, stopped, first, second, first_meta
 
 
 def test_stop_after_steps_keeps_schedule_and_checkpoints(runs):
-    storage, straight, stopped, first, _ = runs
+    storage, straight, stopped, first, _, first_meta = runs
     assert first.metrics["step"] == N
-    a, b = _meta(storage, straight, N), _meta(storage, stopped, N)
+    a, b = _meta(storage, straight, N), first_meta
     assert a["spec"]["train"]["max_steps"] == b["spec"]["train"]["max_steps"] == 2 * N
     assert b["resumes"] == [] and a["loss_curve"] == b["loss_curve"]  # the first halves agree exactly
 
 
+def test_resume_after_retention_deleted_checkpoints_ray_registered(runs):
+    """Retention (num_to_keep 1) deleted checkpoints Ray had registered; the resume set Ray's stale record
+    aside (kept beside it) instead of failing on it, and only the newest checkpoint is left."""
+    storage, _, stopped, _, second, _ = runs
+    assert second.error is None and [c.step for c in list_checkpoints(storage, stopped)] == [2 * N]
+    run_dir = Path(storage.path("jobs", stopped))
+    assert len(list(run_dir.glob("ray_snapshot_before_*.json"))) == 1
+
+
 def test_resume_matches_uninterrupted_run(runs):
-    storage, straight, stopped, _, second = runs
+    storage, straight, stopped, _, second, _ = runs
     assert second.metrics["step"] == 2 * N
     meta = _meta(storage, stopped, 2 * N)
     assert [r["step"] for r in meta["resumes"]] == [N]
@@ -92,7 +105,7 @@ def test_incomplete_checkpoint_never_listed_resumed_or_promoted(runs, tmp_path):
     from zeroplane.promote import resolve_checkpoint
     from zeroplane.runtime.train.checkpointing import pick_resume_path
 
-    storage, straight, _, _, _ = runs
+    storage, straight, _, _, _, _ = runs
     src = Path(storage.path("jobs", straight))
     local = Storage.from_uri(str(tmp_path))
     for job, damage in (("no-marker", "marker"), ("truncated", "shard")):
@@ -174,7 +187,7 @@ def test_a_mistake_in_the_workers_fails_at_once_without_retries(runs, tmp_path):
 
     from zeroplane.runtime.train.driver import build_train_loop_config, build_trainer
 
-    storage, straight, _, _, _ = runs
+    storage, straight, _, _, _, _ = runs
     ckpt = next(c for c in list_checkpoints(storage, straight) if c.step == N)
     spec = load_spec(REPO / "jobs" / "tiny-cpu.yaml",
                      [f"checkpoint.storage_path={tmp_path}", "scaling.num_workers=1", "failure.max_failures=2",

@@ -3,44 +3,16 @@ head started with zeroplane.cluster.start_local_head: two registered tiny GPT-2 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import Counter
 
 import pytest
 import requests
-import torch
+
+from helpers.tiny_models import local_head, tiny_version
 
 pytestmark = pytest.mark.integration
-
-CORPUS = ["the quick brown fox jumps over the lazy dog.", "ray serve answers requests in batches."] * 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_version(path, seed: int) -> str:
-    """A 2-layer GPT-2 + trained BPE tokenizer saved as a Hugging Face folder (weights differ by seed)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    model = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        model.transformer.wte.weight[tok.eos_token_id].zero_()  # eos never wins greedily
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
 
 SMALL = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.25}}
 
@@ -48,33 +20,19 @@ SMALL = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_optio
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A zeroplane local head (own ZEROPLANE_HOME and Ray token file), a registry with tiny:v1 and tiny:v2."""
-    from zeroplane import cluster, serve_keys
+    from zeroplane import serve_keys
     from zeroplane.registry import Registry
     from zeroplane.sdk import Client
     from zeroplane.storage import Storage
 
     tmp = tmp_path_factory.mktemp("rollout")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ZEROPLANE_HOME", str(tmp / "home"))
-    mp.setenv("RAY_AUTH_TOKEN_PATH", str(tmp / "ray-auth-token"))
-    for var in ("RAY_ADDRESS", "ZEROPLANE_SERVE_PORT", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        mp.setenv(var, "x")
-        mp.delenv(var)
     storage = str(tmp / "storage")
     reg = Registry(Storage.from_uri(storage))
     for seed in (1, 2):
-        reg.register("tiny", _tiny_version(tmp / f"model-{seed}", seed), {"source": {"job_id": "test", "step": seed}})
+        reg.register("tiny", tiny_version(tmp / f"model-{seed}", seed), {"source": {"job_id": "test", "step": seed}})
     key, _ = serve_keys.create_key(storage, name="test")
-    try:
-        cluster.start_local_head(num_cpus=4, dashboard_port=_free_port(), serve_http_port=_free_port(), timeout_s=180)
-        zp = Client()
-        yield zp, storage, key
-    finally:
-        try:
-            cluster.stop_local_head()
-        finally:
-            mp.undo()
-            cluster._refresh_ray_auth_cache()
+    with local_head(tmp):
+        yield Client(), storage, key
 
 
 def _ask(url: str, key: str, body=None, headers=None) -> requests.Response:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from zeroplane.checkpoints import MARKER, build_marker, dir_name_for_step, list_checkpoints
 from zeroplane.registry import Registry
-from zeroplane.runtime.train.checkpointing import apply_retention
+from zeroplane.runtime.train.checkpointing import RAY_RUN_SNAPSHOT, apply_retention, set_aside_ray_snapshot
 from zeroplane.storage import Storage
 
 JOB = "tiny-cpu-20250101-000000-abcd"
@@ -50,3 +50,14 @@ def test_without_a_score_the_newest_stay_and_null_keeps_all(tmp_path):
     assert apply_retention(storage, JOB, None) == []
     assert apply_retention(storage, JOB, 1) == [5, 10]
     assert [c.step for c in list_checkpoints(storage, JOB)] == [15]
+
+
+def test_a_restarting_run_sets_rays_record_aside_and_keeps_it(tmp_path):
+    storage = Storage.from_uri(str(tmp_path))
+    assert set_aside_ray_snapshot(storage, JOB) is None  # a first run: nothing to set aside
+    record = storage.path("jobs", JOB, RAY_RUN_SNAPSHOT)
+    storage.write_json(record, {"checkpoint_results": [{"checkpoint": {"path": "gone"}}]})
+    _checkpoint(storage, 4, 1.0)
+    aside = set_aside_ray_snapshot(storage, JOB)
+    assert not storage.exists(record) and json.loads(Path(aside).read_text())["checkpoint_results"]
+    assert [c.step for c in list_checkpoints(storage, JOB)] == [4]  # zeroplane's own listing is unchanged

@@ -159,6 +159,32 @@ def load(engine, storage: Storage, path: str, rank: int, world: int,
     return int(meta["step"]), dict(meta.get("metrics") or {}), meta
 
 
+#: Ray Train's record of the checkpoints a run registered, in the run folder
+#: (``ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME`` in Ray 2.60).
+RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def set_aside_ray_snapshot(storage: Storage, job_id: str) -> Optional[str]:
+    """Move Ray Train's checkpoint record of run ``job_id`` aside before the run starts again; returns
+    where it went (``jobs/<job>/ray_snapshot_before_<UTC time>.json``), or None when there was none.
+
+    Why: zeroplane's markers, not Ray's record, say which checkpoints exist (:func:`pick_resume_path`),
+    and zeroplane's retention (:func:`apply_retention`) deletes checkpoints that Ray registered. Ray
+    Train restores a run of the same name from its record and refuses to start when a checkpoint it names
+    is gone (``CheckpointManagerInitializationError``), so ``train resume`` of any job whose retention had
+    deleted a checkpoint would fail. Ray then starts a fresh record; the newest complete checkpoint is
+    still found by its marker. The old record is kept beside it, not deleted.
+    """
+    path = storage.path(layout.JOBS_DIR, job_id, RAY_RUN_SNAPSHOT)
+    if not storage.exists(path):
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    aside = storage.path(layout.JOBS_DIR, job_id, f"ray_snapshot_before_{stamp}.json")
+    storage.write_bytes(aside, storage.read_bytes(path))
+    storage.delete_file(path)
+    return aside
+
+
 def apply_retention(storage: Storage, job_id: str, num_to_keep: Optional[int], score_attribute: Optional[str] = None,
                     score_order: str = "min") -> list:
     """zeroplane's checkpoint retention, run by rank 0 after each completion marker (Ray's own

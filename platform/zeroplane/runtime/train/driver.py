@@ -103,12 +103,18 @@ def build_trainer(spec: JobSpec, job_id: str, storage: Storage, loop_config: Dic
     For ``s3://`` storage, Ray Train persists through ``storage.fs`` (``RunConfig.storage_filesystem``,
     with ``storage_path`` given as ``bucket/prefix/jobs``), the same filesystem zeroplane reads with.
     ``failure.max_failures`` retries only worker loss; a mistake fails at once
-    (:class:`zeroplane.runtime.train.failures.WorkerLossOnlyPolicy`).
+    (:class:`zeroplane.runtime.train.failures.WorkerLossOnlyPolicy`). A run that starts again under the
+    same name (``train resume``) first has Ray's own checkpoint record set aside
+    (:func:`zeroplane.runtime.train.checkpointing.set_aside_ray_snapshot`): it may name checkpoints that
+    zeroplane's retention deleted.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+    from .checkpointing import set_aside_ray_snapshot
     from .failures import ZeroplaneTorchTrainer
     from .loop import train_loop_per_worker
+
+    set_aside_ray_snapshot(storage, job_id)
 
     scaling = build_scaling_config(spec)
     run = RunConfig(
