@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional
 
 from . import layout
-from .errors import NotFoundError, ZeroplaneError
-from .names import CANARY_DEPLOYMENT, DEPLOYMENT
+from .errors import NotFoundError, ZeroplaneError, first_line
+from .names import CANARY_DEPLOYMENT
 from .storage import Storage
 
 #: History entries kept per application (older ones are dropped on append).
@@ -78,6 +78,8 @@ def describe(state: Optional[Dict[str, Any]]) -> str:
     c = state.get("canary")
     if not c:
         return state["version"]
+    if not c["weight_percent"]:  # the drain step of a rollout that removes the canary
+        return f"{state['version']} (draining canary {c['version']})"
     return f"{state['version']} {100 - c['weight_percent']:g}% / {c['version']} {c['weight_percent']:g}%"
 
 
@@ -263,17 +265,19 @@ def rollout(serve, storage: Storage, app: Dict[str, Any], command: str, timeout_
     try:
         if nodes is not None:
             check_fits(_replica_resources(app), nodes)
-        step = drain_step(before, app)
+        step = drain_step(before, app) if _healthy(details, CANARY_DEPLOYMENT) else None
         if step is not None:
-            say(f"draining canary {step['args']['canary']['version']} before removing it")
-            serve.apply(step)
             applied = True
-            watch(serve.applications, name, state_of(step), timeout_s, schedule_timeout_s, say, stale=stale)
-            wait_stopped(serve.applications, name, DEPLOYMENT, max(1.0, timeout_s - (time.monotonic() - started)))
-            stale = messages_of(serve.applications().get(name) or {})
-        serve.apply(app)
+            stale = _drain(serve, name, step, timeout_s, schedule_timeout_s, say, stale)
+        remaining_s = max(1.0, timeout_s - (time.monotonic() - started))
+        try:
+            serve.apply(app)
+        except ZeroplaneError as e:
+            if not applied:
+                raise
+            raise RolloutFailed(f"Serve refused the config: {first_line(e)}") from None  # undo the drain step
         applied = True
-        watch(serve.applications, name, target, timeout_s, schedule_timeout_s, say, stale=stale)
+        watch(serve.applications, name, target, remaining_s, schedule_timeout_s, say, stale=stale)
     except RolloutFailed as e:
         decided = time.monotonic() - started
         say(f"rollout of {name} {describe(target)} failed after {decided:.1f}s: {e.reason}")
@@ -284,12 +288,33 @@ def rollout(serve, storage: Storage, app: Dict[str, Any], command: str, timeout_
         raise RolloutFailed(f"{name} {describe(target)} failed: {e.reason}. {restored}; "
                             f"`zeroplane serve history {name}` has the record") from None
     except BaseException as e:  # interrupted or Serve unreachable: record it, restore nothing blindly
-        history.update(entry["id"], outcome="interrupted", reason=str(e).splitlines()[0] if str(e) else type(e).__name__,
+        history.update(entry["id"], outcome="interrupted", reason=first_line(e),
                        finished_at=now_iso())
         raise
     history.update(entry["id"], outcome="running", duration_s=round(time.monotonic() - started, 2),
                    finished_at=now_iso())
     return {**entry, "outcome": "running"}
+
+
+def _healthy(details: Dict[str, Any], deployment: str) -> bool:
+    """Whether ``deployment`` of an application (Serve's details) is there and HEALTHY."""
+    return ((details.get("deployments") or {}).get(deployment) or {}).get("status") == "HEALTHY"
+
+
+def _drain(serve, name: str, step: Dict[str, Any], timeout_s: float, schedule_timeout_s: float,
+           say: Callable[[str], None], stale: frozenset) -> frozenset:
+    """Apply the drain step (:func:`drain_step`) and wait until it runs; returns the messages Serve shows
+    then (the next watch ignores them). Best effort: when the step fails (the old canary's new replicas do
+    not start, or do not fit next to the new ingress), the rollout goes on and removes the canary directly,
+    as it would without the step; a request queued for the canary at that moment may then fail."""
+    canary = step["args"]["canary"]["version"]
+    say(f"draining canary {canary} before removing it")
+    try:
+        serve.apply(step)
+        watch(serve.applications, name, state_of(step), timeout_s, schedule_timeout_s, say, stale=stale)
+    except ZeroplaneError as e:  # RolloutFailed, or Serve refused the step
+        say(f"draining canary {canary} failed ({first_line(e)}); removing it directly")
+    return messages_of(serve.applications().get(name) or {})
 
 
 def drain_step(before: Optional[Dict[str, Any]], app: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -299,8 +324,11 @@ def drain_step(before: Optional[Dict[str, Any]], app: Dict[str, Any]) -> Optiona
     Why: Serve deletes a deployment that leaves the config at once, while the old ingress replicas still
     route a share of requests to it until they stop; a request queued for the deleted canary then waits
     until its ingress replica is killed (an HTTP 500). The step is ``app`` with the old canary deployment
-    kept, unchanged, at ``weight_percent`` 0: the new ingress routes nothing to it, the old ingress
-    replicas finish against a live canary, and only then does ``app`` remove it.
+    kept (same version and options) at ``weight_percent`` 0: the new ingress routes nothing to it, the old
+    ingress replicas finish against a live canary (Serve reports the ingress HEALTHY only when none of its
+    replicas is still stopping), and only then does ``app`` remove it. Serve restarts the canary's replicas
+    in the step too (a change of the application's arguments is a new code version for all its
+    deployments), so the step is best effort (:func:`_drain`) and skipped when the canary is not HEALTHY.
     """
     old = ((before or {}).get("args") or {}).get("canary")
     if not old or (app.get("args") or {}).get("canary") or app.get("import_path") != (before or {}).get("import_path"):
@@ -309,17 +337,6 @@ def drain_step(before: Optional[Dict[str, Any]], app: Dict[str, Any]) -> Optiona
     return {**app, "args": {**app["args"], "canary": {**old, "weight_percent": 0.0}},
             "deployments": [d for d in app.get("deployments") or [] if d.get("name") != CANARY_DEPLOYMENT]
             + ([canary_deployment] if canary_deployment else [])}
-
-
-def wait_stopped(applications: Callable[[], Dict[str, Any]], name: str, deployment: str, timeout_s: float) -> None:
-    """Wait (at most ``timeout_s`` seconds; Serve bounds a replica's drain by its
-    ``graceful_shutdown_timeout_s``) until no replica of ``deployment`` in application ``name`` is stopping."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        replicas = (((applications().get(name) or {}).get("deployments") or {}).get(deployment) or {}).get("replicas") or []
-        if not any(r.get("state") == "STOPPING" for r in replicas):
-            return
-        time.sleep(POLL_S)
 
 
 def _restore(serve, name: str, before: Optional[Dict[str, Any]], timeout_s: float,

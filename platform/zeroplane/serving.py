@@ -178,9 +178,9 @@ def split_of(app_details: Dict[str, Any]) -> List[Dict[str, Any]]:
     canary = args.get("canary") or None
     if not args.get("version"):
         return []
-    if canary is None:
+    w = float(canary["weight_percent"]) if canary else 0.0
+    if w == 0:  # no split, or the drain step of a rollout that removes the canary (it takes no traffic)
         return [{"version": args["version"], "weight_percent": 100.0, "deployment": DEPLOYMENT}]
-    w = float(canary["weight_percent"])
     return [{"version": args["version"], "weight_percent": 100.0 - w, "deployment": DEPLOYMENT},
             {"version": canary["version"], "weight_percent": w, "deployment": CANARY_DEPLOYMENT}]
 

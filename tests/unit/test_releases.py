@@ -140,21 +140,24 @@ def test_two_processes_appending_lose_no_entry(tmp_path):
 
 
 class FollowingServe:
-    """Serve that runs whatever was applied last; the ingress's old replica shows STOPPING on the first
-    read after each apply (what Serve reports while it drains)."""
+    """Serve that runs whatever was applied last (HEALTHY, or FAILED for a config ``fail`` picks), with a
+    ModelServerCanary deployment whenever the config has a canary."""
 
-    def __init__(self, before):
-        self.applied, self.current, self.stopping = [], before, False
+    def __init__(self, before, fail=lambda app: False, canary_status="HEALTHY"):
+        self.applied, self.current, self.fail, self.canary_status = [], before, fail, canary_status
 
     def applications(self):
-        replicas = [{"state": "RUNNING"}] + ([{"state": "STOPPING"}] if self.stopping else [])
-        self.stopping = False
-        return {"tiny": {"status": "RUNNING", "deployed_app_config": self.current,
-                         "deployments": {"ModelServer": {"status": "HEALTHY", "replicas": replicas}}}}
+        failed = self.fail(self.current)
+        deployments = {"ModelServer": {"status": "UNHEALTHY" if failed else "HEALTHY",
+                                       "message": FAILED if failed else ""}}
+        if self.current["args"].get("canary"):
+            deployments["ModelServerCanary"] = {"status": self.canary_status}
+        return {"tiny": {"status": "DEPLOY_FAILED" if failed else "RUNNING", "deployed_app_config": self.current,
+                         "deployments": deployments}}
 
     def apply(self, app):
         self.applied.append(app)
-        self.current, self.stopping = app, True
+        self.current = app
 
 
 def _config(version, canary=None):
@@ -190,3 +193,30 @@ def test_a_rollout_that_keeps_or_adds_a_canary_is_applied_in_one_step(tmp_path, 
     serve = FollowingServe(_config("v1"))
     releases.rollout(serve, storage, _config("v1", canary="v2"), "serve deploy tiny:v2 --canary 50", timeout_s=30)
     assert serve.applied == [_config("v1", canary="v2")]
+
+
+def test_a_drain_step_that_fails_does_not_stop_the_canary_from_being_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(releases, "POLL_S", 0.0)
+    storage = Storage.from_uri(str(tmp_path))
+    before, back = _config("v1", canary="v2"), _config("v1")
+    serve = FollowingServe(before, fail=lambda app: (app["args"].get("canary") or {}).get("weight_percent") == 0.0)
+    releases.rollout(serve, storage, back, "release: rollback", timeout_s=30)
+    drain, final = serve.applied  # the failed step is not undone back to the split: the canary goes
+    assert drain["args"]["canary"]["weight_percent"] == 0.0 and final == back
+    assert History(storage, "tiny").entries()[-1]["outcome"] == "running"
+
+
+def test_a_canary_that_is_not_healthy_is_removed_without_a_drain_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(releases, "POLL_S", 0.0)
+    storage = Storage.from_uri(str(tmp_path))
+    serve = FollowingServe(_config("v1", canary="v2"), canary_status="UNHEALTHY")
+    releases.rollout(serve, storage, _config("v1"), "serve rollback tiny", timeout_s=30)
+    assert serve.applied == [_config("v1")]
+
+
+def test_a_draining_canary_takes_no_traffic_in_what_status_shows():
+    from zeroplane.serving import split_of
+
+    drain = {"args": {"version": "v2", "canary": {"version": "v2", "model_uri": "/m", "weight_percent": 0.0}}}
+    assert split_of({"deployed_app_config": drain}) == [{"version": "v2", "weight_percent": 100.0, "deployment": "ModelServer"}]
+    assert releases.describe(releases.state_of(drain)) == "v2 (draining canary v2)"

@@ -258,3 +258,28 @@ def test_a_stream_closed_at_a_yield_closes_its_engine_job_at_once():
         return engine.closed
 
     assert asyncio.run(run()) == 1 and rec.seen[-1][1] == 499
+
+
+def test_a_canary_at_0_percent_is_only_a_rollouts_drain_step():
+    """Weight 0 (and then even the stable version as canary) is accepted, for the drain step of a rollout that
+    removes the canary; a canary taking traffic must still be another version."""
+    from zeroplane.runtime.serve.protocol import parse_args
+
+    base = {"model_name": "m", "version": "v2", "model_uri": "/m2", "storage_path": "/s"}
+    drain = parse_args({**base, "canary": {"version": "v2", "model_uri": "/m2", "weight_percent": 0}})
+    assert drain.canary.weight_percent == 0
+    with pytest.raises(ValueError, match="canary must be another version"):
+        parse_args({**base, "canary": {"version": "v2", "model_uri": "/m2", "weight_percent": 10}})
+    with pytest.raises(ValueError, match="weight_percent"):
+        parse_args({**base, "canary": {"version": "v1", "model_uri": "/m1", "weight_percent": -1}})
+
+
+def test_an_ingress_with_its_canary_at_0_percent_routes_nothing_to_it():
+    tokenizer = byte_tokenizer()
+    args = {"model_name": "m", "version": "v1", "model_uri": "/unused", "auth": False, "max_tokens_cap": 256}
+    engine = ScriptedEngine(tokenizer(SCRIPT_TEXT)["input_ids"])
+    handle = object()  # the canary deployment's handle: never used at 0 %
+    split = ModelCore({**args, "canary": {"version": "v2", "model_uri": "/m2", "weight_percent": 30}}, tokenizer, engine, None, handle)
+    assert split._split is not None and split._split.weight_percent == 30
+    drain = ModelCore({**args, "canary": {"version": "v2", "model_uri": "/m2", "weight_percent": 0}}, tokenizer, engine, None, handle)
+    assert drain._split is None

@@ -56,7 +56,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zeroplane.errors import ZeroplaneError
@@ -74,9 +74,11 @@ from zeroplane.runtime.serve.server import ModelCore
 
 logger = logging.getLogger("ray.serve")
 
-#: What a handle call to the canary raises when Serve has removed (or is removing) the canary deployment or
-#: the replica it picked: when a release ends a split, the old ingress replica keeps routing until it stops.
-_CANARY_GONE = (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)
+#: What a handle call to the canary raises when Serve has deleted the canary deployment (a split that ended
+#: while this ingress replica still routes) or the canary replica died under the request. A request that
+#: Serve queued while the canary's replicas were stopping raises nothing: it waits, which is why a rollout
+#: first drains the canary (:func:`zeroplane.releases.drain_step`).
+_CANARY_GONE = (DeploymentUnavailableError, RayActorError)
 
 _validation_message = validation_message
 _ModelCore = ModelCore
@@ -277,16 +279,16 @@ class ModelServer(_Replica):
             return await _event_response(core.stream(kind, body, started))
 
     def _canary_gone(self, body: Any, error: BaseException) -> None:
-        """A request drawn for the canary found it gone (a release just ended the split and Serve removed the
-        canary deployment before this old ingress replica stopped): the stable version answers it instead,
-        unless the request named the canary version itself, which gets a 503 to retry."""
+        """A request drawn for the canary could not reach it (``error`` is one of ``_CANARY_GONE``: the split
+        ended and Serve deleted the canary deployment, or the canary replica died): the stable version answers
+        it instead, unless the request named the canary version itself, which gets a 503 to retry."""
         split = self._core._split
         model = body.get("model") if isinstance(body, dict) else None
         if model == split.canary_id:
-            raise APIError(503, f"model {model}: that version is being removed from this endpoint; retry, or "
-                                f"name {split.stable_id}", param="model", code="model_unavailable") from error
-        logger.info("canary %s unavailable (%s); answering with %s", split.canary_id, type(error).__name__,
-                    split.stable_id)
+            raise APIError(503, f"model {model}: that version is not available on this endpoint right now; retry, "
+                                f"or name {split.stable_id}", param="model", code="model_unavailable") from error
+        logger.warning("canary %s unavailable (%s); answering with %s", split.canary_id, type(error).__name__,
+                       split.stable_id)
 
 
     def _target(self, body: Any, request_id: Any) -> Any:
