@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import NotFoundError, SpecError
+from .names import DATA_SUFFIXES
 
 #: Folder of prepared datasets under a storage root.
 DATASETS_DIR = "datasets"
@@ -45,7 +46,7 @@ DATA_FORMAT = 1
 #: Hex digits of the SHA-256 kept as the dataset id (80 bits: no collision among any realistic number).
 FINGERPRINT_CHARS = 20
 #: File name endings a source may hold; others under a folder or prefix are ignored.
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+SUFFIXES = DATA_SUFFIXES
 #: The built-in corpus.
 BUILTIN_PYDOC = "builtin:pydoc"
 #: The Ray Job entrypoint of ``zeroplane data prepare``, its job metadata kind, and its last log line's prefix
@@ -136,16 +137,10 @@ def list_source(source: str, endpoint_url: Optional[str] = None) -> Tuple[Any, L
                             + storage_error(st, "listing", e).split(": ", 1)[-1]
                             + "; check the bucket, the prefix and the credentials") from None
     else:
-        pattern = os.path.expanduser(source)
-        if glob.has_magic(pattern):
-            paths = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
-        elif os.path.isdir(pattern):
-            paths = [os.path.join(d, f) for d, _, names in os.walk(pattern) for f in names
-                     if f.lower().endswith(SUFFIXES)]
-        else:
-            paths = [pattern] if os.path.isfile(pattern) else []
+        from .spec.model import local_source_paths
+
         files = []
-        for p in paths:
+        for p in local_source_paths(source):
             st = os.stat(p)
             files.append(SourceFile(os.path.abspath(p), st.st_size, st.st_mtime_ns))
     if not files:

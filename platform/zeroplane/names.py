@@ -95,3 +95,6 @@ def check_name(value: str, what: str) -> str:
 RELEASE_ENTRYPOINT = "python -m zeroplane.runtime.release"
 ENV_RELEASE_JSON = "ZEROPLANE_RELEASE_JSON"
 META_KIND_RELEASE = "release"
+
+#: File endings a corpus (``data.source``) may have: plain text, JSONL (optionally gzip/zstd), Parquet.
+DATA_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")

@@ -96,3 +96,41 @@ def test_driver_preflight_turns_config_errors_into_spec_errors():
     with pytest.raises(SpecError) as ei:
         preflight_model_config(spec)
     assert "model.config" in ei.value.message and "activation_function" in ei.value.message
+
+
+@pytest.mark.parametrize("make, fix", [
+    (lambda d: (d / "empty").mkdir() or d / "empty", "matches no file"),  # a folder with no corpus file
+    (lambda d: (d / "a.yaml").write_text("x: 1") and d / "*.yaml", "is not one of .txt"),
+])
+def test_a_local_source_without_corpus_files_is_refused(tmp_path, make, fix):
+    source = str(make(tmp_path))
+    _refused(tmp_path, "data.source", fix, data={"source": source})
+
+
+def test_a_model_context_shorter_than_a_sequence_is_refused(tmp_path):
+    res, path = _validate(tmp_path, model={"config": {"n_positions": 32}}, data={"seq_len": 64})
+    assert res.exit_code == 2 and "n_positions=32 is shorter than data.seq_len=64" in res.output, res.output
+
+
+@pytest.mark.parametrize("model, fix", [
+    ({"config": {"n_layers": 3}}, "did you mean 'n_layer'"),  # transformers would keep the typo and ignore it
+    ({"config": {"n_bogus": 3}}, "model.config.n_bogus"),
+    ({"architecture": "t5", "preset": None, "config": {}}, "no causal language model"),
+])
+def test_driver_preflight_refuses_unknown_config_keys_and_non_causal_models(model, fix):
+    from zeroplane.runtime.train.driver import preflight_model_config
+    from zeroplane.spec import parse_spec
+
+    with pytest.raises(SpecError) as ei:
+        preflight_model_config(parse_spec({"name": "x", "model": model}))
+    assert fix in ei.value.message
+
+
+def test_a_key_the_config_class_consumes_is_accepted():
+    """llama's rope_theta is taken into rope_parameters by transformers 5: not left behind, not refused."""
+    from zeroplane.runtime.train.driver import preflight_model_config
+    from zeroplane.spec import parse_spec
+
+    preflight_model_config(parse_spec({"name": "x", "model": {"architecture": "llama", "preset": None, "config": {
+        "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128,
+        "rope_theta": 5000.0}}}))

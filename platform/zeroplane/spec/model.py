@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import SpecError
-from ..names import DEFAULT_STORAGE, ENV_STORAGE, NAME_RE, NAME_RULE
+from ..names import DATA_SUFFIXES, DEFAULT_STORAGE, ENV_STORAGE, NAME_RE, NAME_RULE
 
 #: Read for ``tracking.mlflow_uri`` when the spec leaves it out (MLflow's own variable).
 ENV_MLFLOW_URI = "MLFLOW_TRACKING_URI"
@@ -163,14 +163,14 @@ def model_config(spec: ModelSpec, vocab_size: int, seq_len: int, bos_id: int | N
         A ``transformers.PretrainedConfig`` of type ``spec.architecture``.
 
     Raises:
-        SpecError: ``spec.architecture`` is not a transformers model type, or transformers refuses a
-        ``spec.config`` value.
+        SpecError: ``spec.architecture`` is not a transformers model type or has no causal-LM class, a
+        ``spec.config`` key is not a setting of its config class, or transformers refuses a value.
     """
     from transformers import AutoConfig
 
     sizes = _config_kwargs(spec.architecture, spec.preset, spec.config, seq_len)
     try:
-        return AutoConfig.for_model(
+        cfg = AutoConfig.for_model(
             spec.architecture,
             vocab_size=vocab_size,
             bos_token_id=bos_id,
@@ -185,6 +185,39 @@ def model_config(spec: ModelSpec, vocab_size: int, seq_len: int, bos_id: int | N
             detail = " ".join(str(e).split())
             raise SpecError(f"model.config ({spec.architecture}): {detail}; fix that key in model.config") from None
         raise
+    _check_causal_lm(spec.architecture)
+    _check_config_keys(spec.architecture, spec.config, cfg)
+    return cfg
+
+
+def _check_causal_lm(architecture: str) -> None:
+    """Refuse a model type that transformers has no causal-LM class for (e.g. t5, an encoder-decoder)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if architecture not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and architecture != "gpt-sw3":
+        raise SpecError(f"model.architecture = {architecture!r}: transformers has no causal language model "
+                        f"(AutoModelForCausalLM) for it; use a decoder model type such as gpt2 or llama")
+
+
+def _check_config_keys(architecture: str, config: Dict[str, Any], cfg) -> None:
+    """Refuse a ``model.config`` key that the config class neither knows nor consumed: transformers keeps
+    any unknown keyword as a plain attribute, so a typo (``n_layers`` for ``n_layer``) would be silently
+    ignored. A key the class consumes into another field (llama's ``rope_theta`` into ``rope_parameters``)
+    is not left behind as an attribute and passes."""
+    import inspect
+
+    cls = type(cfg)
+    try:
+        known = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {})) | set(inspect.signature(cls.__init__).parameters)
+    except Exception:  # a config class without usable defaults: nothing to compare against
+        return
+    unknown = [k for k in config if k not in known and k in vars(cfg)]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise SpecError(f"model.config.{key}: not a setting of the {architecture} config ({cls.__name__}); {hint}"
+                        "remove it or use one of its keys")
 
 
 class TrainBPE(_Strict):
@@ -256,12 +289,25 @@ class DataSpec(_Strict):
         # `spec validate`, `train submit`), i.e. on the submitting machine. On a cluster whose nodes do not
         # share this filesystem the file must also exist on the driver's node, which this cannot see.
         if (info.context or {}).get("local_files") and not v.startswith(("builtin:", "s3://")):
-            pattern = os.path.expanduser(v)
-            paths = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
-            if not any(os.path.isfile(p) or os.path.isdir(p) for p in paths):
-                raise ValueError("matches no file; give an existing file, folder or glob, builtin:pydoc, "
-                                 "or s3://bucket/key")
+            paths = local_source_paths(v)  # the driver's own listing (zeroplane.datasets.list_source)
+            if not paths:
+                raise ValueError(f"matches no file; give a file, folder or glob holding {', '.join(DATA_SUFFIXES)} "
+                                 "files, builtin:pydoc, or s3://bucket/key")
+            bad = next((p for p in paths if not p.lower().endswith(DATA_SUFFIXES)), None)
+            if bad:
+                raise ValueError(f"{bad!r} is not one of {', '.join(DATA_SUFFIXES)}; rename it or convert it")
         return v
+
+
+def local_source_paths(source: str) -> List[str]:
+    """The files a local ``data.source`` names: a glob's matching files, a folder's files with one of
+    :data:`zeroplane.names.DATA_SUFFIXES` (recursively), or the file itself; ``[]`` when none (unsorted)."""
+    pattern = os.path.expanduser(source)
+    if glob.has_magic(pattern):
+        return [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    if os.path.isdir(pattern):
+        return [os.path.join(d, f) for d, _, names in os.walk(pattern) for f in names if f.lower().endswith(DATA_SUFFIXES)]
+    return [pattern] if os.path.isfile(pattern) else []
 
 
 class TrainSpec(_Strict):
@@ -589,4 +635,10 @@ class JobSpec(_Strict):
             )
         if self.scaling.use_gpu and self.scaling.resources_per_worker.get("GPU", 1) < 1:
             raise ValueError("scaling.use_gpu is true but resources_per_worker.GPU < 1; give each worker one GPU")
+        sizes = _config_kwargs(self.model.architecture, self.model.preset, self.model.config)
+        for key in ("n_positions", "max_position_embeddings"):  # the context is data.seq_len unless set
+            if isinstance(sizes.get(key), int) and sizes[key] < self.data.seq_len:
+                raise ValueError(f"model.config.{key}={sizes[key]} is shorter than data.seq_len={self.data.seq_len}: "
+                                 f"the model could not see a whole training sequence; remove {key} (it follows "
+                                 f"data.seq_len) or lower data.seq_len to {sizes[key]}")
         return self
