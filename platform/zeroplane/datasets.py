@@ -32,7 +32,7 @@ import posixpath
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import NotFoundError, SpecError
+from .errors import DamagedFileError, NotFoundError, SpecError
 from .names import DATA_SUFFIXES
 
 #: Folder of prepared datasets under a storage root.
@@ -242,13 +242,21 @@ def dataset_dir(dataset_id: str) -> str:
 
 
 def read_manifest(storage, dataset_id: str) -> Optional[Dict[str, Any]]:
-    """The manifest of a complete dataset, or None when the folder has none (absent or unfinished).
+    """The manifest of a complete dataset, or None when the folder has none (absent or unfinished) or its
+    manifest is damaged (not a JSON object): such a dataset counts as unfinished and is prepared again,
+    which writes a new manifest (a dataset is derived data; nothing else is lost).
 
     Raises:
         SpecError: a malformed id. Storage errors (OSError, boto3) as they come.
     """
     path = storage.path(dataset_dir(dataset_id), MANIFEST)
-    return storage.read_json(path) if storage.exists(path) else None
+    if not storage.exists(path):
+        return None
+    try:
+        m = storage.read_json(path)
+    except DamagedFileError:
+        return None
+    return m if isinstance(m, dict) else None
 
 
 @dataclass

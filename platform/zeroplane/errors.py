@@ -29,6 +29,12 @@ class ZeroplaneError(Exception):
         return str(self.args[0]) if self.args else type(self).__name__
 
 
+class DamagedFileError(ZeroplaneError, ValueError):
+    """A stored file zeroplane wrote (a registry record, the API keys, a history, a manifest) that no longer
+    parses: the message names it and what to do. A ``ValueError`` too, so code that treats unparsable
+    content as absent keeps doing so where that is safe; nothing is written over such a file."""
+
+
 class SpecError(ZeroplaneError):
     """Invalid input: a spec field, a flag or an argument (exit code 2, HTTP 400).
 

@@ -95,13 +95,14 @@ class History:
         self.path = storage.path(layout.serve_history_file(name))
 
     def entries(self) -> List[Dict[str, Any]]:
-        """Every kept entry, oldest first ([] when there is none or the file is not a JSON list)."""
+        """Every kept entry, oldest first ([] when there is none).
+
+        Raises:
+            DamagedFileError: the history file is not JSON (a damaged history is never written over).
+        """
         if not self.storage.exists(self.path):
             return []
-        try:
-            doc = self.storage.read_json(self.path)
-        except ValueError:
-            return []
+        doc = self.storage.read_json(self.path)
         return [e for e in doc if isinstance(e, dict)] if isinstance(doc, list) else []
 
     def append(self, entry: Dict[str, Any]) -> Dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 from urllib.parse import urlsplit
 
-from .errors import ZeroplaneError
+from .errors import DamagedFileError, ZeroplaneError
 
 #: ``scheme://userinfo@`` in any text: what :func:`mask_url` blanks.
 _USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
@@ -242,8 +242,19 @@ class Storage:
             return f.read()
 
     def read_json(self, path: str) -> Any:
-        """Parse a JSON file."""
-        return json.loads(self.read_bytes(path))
+        """Parse a JSON file.
+
+        Raises:
+            DamagedFileError: the file is not valid JSON (named, with the parser's position).
+        """
+        return self._parse(path, self.read_bytes(path))
+
+    def _parse(self, path: str, data: bytes) -> Any:
+        try:
+            return json.loads(data)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise DamagedFileError(f"{self.uri_of(path)} is not valid JSON ({e}): the file is damaged; restore it "
+                                   "from a backup, or move it aside to start it afresh") from None
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a file atomically: readers see the old file or the whole new one, never a part.
@@ -357,7 +368,7 @@ class Storage:
         for _ in range(_S3_CONDITIONAL_TRIES):
             try:
                 obj = client.get_object(Bucket=bucket, Key=key)
-                doc, etag = json.loads(obj["Body"].read()), obj["ETag"]
+                doc, etag = self._parse(path, obj["Body"].read()), obj["ETag"]
             except ClientError as e:
                 if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
                     raise

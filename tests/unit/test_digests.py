@@ -168,3 +168,30 @@ def test_a_replica_refuses_an_altered_version_on_load(tmp_path):
     _overwrite(Path(folder, "model.safetensors"))
     with pytest.raises(ZeroplaneError, match=r"model.safetensors \(SHA-256 differs"):
         fetch_model(folder)
+
+
+def test_a_damaged_json_file_is_named_and_never_written_over(tmp_path):
+    """One kind of failure, everywhere a stored JSON file is read: the history of rollouts, the API keys, a
+    dataset's manifest. A history that no longer parses is refused by name (not read as empty, then replaced
+    by the next rollout); a dataset whose manifest is damaged counts as unfinished and is prepared again."""
+    from zeroplane import datasets as dsets
+    from zeroplane.errors import DamagedFileError
+    from zeroplane.releases import History
+    from zeroplane.storage import Storage
+
+    st = Storage.from_uri(str(tmp_path))
+    history = History(st, "m1")
+    Path(history.path).parent.mkdir(parents=True)
+    Path(history.path).write_text('[{"id": 1, "outcome": "running"')
+    with pytest.raises(DamagedFileError, match=r"m1\.json is not valid JSON .*restore it from a backup"):
+        history.entries()
+    with pytest.raises(DamagedFileError):
+        history.append({"command": "serve deploy m1:v2"})
+    assert Path(history.path).read_text() == '[{"id": 1, "outcome": "running"'  # untouched
+    ds = "0" * dsets.FINGERPRINT_CHARS
+    manifest = Path(st.path(dsets.dataset_dir(ds), dsets.MANIFEST))
+    manifest.parent.mkdir(parents=True)
+    for damaged in ("{not json", "[]"):
+        manifest.write_text(damaged)
+        assert dsets.read_manifest(st, ds) is None
+        assert [(d.id, d.complete) for d in dsets.list_datasets(st)] == [(ds, False)]
