@@ -134,3 +134,14 @@ def test_a_key_the_config_class_consumes_is_accepted():
     preflight_model_config(parse_spec({"name": "x", "model": {"architecture": "llama", "preset": None, "config": {
         "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 128,
         "rope_theta": 5000.0}}}))
+
+
+@pytest.mark.parametrize("sections, field, fix", [
+    ({"train": {"betas": [1.5, -1]}}, "train.betas", "[0, 1)"),
+    ({"deepspeed": {"zero_stage": 2, "overrides": {"zero_optimization": {"stage": 3}}}}, "deepspeed", "set deepspeed.zero_stage"),
+    ({"deepspeed": {"overrides": {"train_batch_size": 7}}}, "deepspeed", "train.micro_batch_size_per_worker"),
+    ({"checkpoint": {"storage_path": " "}}, "checkpoint.storage_path", "s3://bucket/prefix"),
+    ({"scaling": {"use_gpu": False, "resources_per_worker": {"CPU": 1, "GPU": 1}}}, "(top level)", "use_gpu: true"),
+])
+def test_settings_that_contradict_the_spec_or_the_libraries_are_refused(tmp_path, sections, field, fix):
+    _refused(tmp_path, field, fix, **sections)

@@ -319,8 +319,15 @@ class TrainSpec(_Strict):
     lr: float = Field(3.0e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps from 0 to lr.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1).")
     grad_clip: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple) -> tuple:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"{list(v)}: each AdamW beta must be in [0, 1) (Kingma & Ba 2015), e.g. [0.9, 0.95]")
+        return v
     seed: int = Field(0, ge=0, description="Seed for model init, data order and dropout.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision: fp32 | bf16 | fp16.")
     eval_every_n_steps: int = Field(50, ge=1, description="Validation-loss period in steps (also at step 0 and the end).")
@@ -369,6 +376,16 @@ class DeepSpeedSpec(_Strict):
                 f"offload_optimizer={self.offload_optimizer!r} needs zero_stage 1-3 (got 0); "
                 "raise deepspeed.zero_stage or set offload_optimizer: none"
             )
+        # what the spec itself sets (and reports, and checkpoints record) must not be changed behind it
+        zero = self.overrides.get("zero_optimization")
+        if isinstance(zero, dict) and "stage" in zero and zero["stage"] != self.zero_stage:
+            raise ValueError(f"overrides.zero_optimization.stage={zero['stage']!r} contradicts zero_stage="
+                             f"{self.zero_stage}; set deepspeed.zero_stage instead")
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            if key in self.overrides:
+                raise ValueError(f"overrides.{key}: comes from the train and scaling sections; set "
+                                 "train.micro_batch_size_per_worker, train.gradient_accumulation_steps or "
+                                 "scaling.num_workers instead")
         return self
 
 
@@ -432,6 +449,9 @@ class CheckpointSpec(_Strict):
     @field_validator("storage_path")
     @classmethod
     def _s3_has_bucket(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty; give a local folder or s3://bucket/prefix, or leave it out for "
+                             f"$ZEROPLANE_STORAGE / {DEFAULT_STORAGE}")
         if v.startswith("s3://") and not v[len("s3://"):].split("/", 1)[0]:
             raise ValueError("no bucket; use s3://bucket/prefix or a local folder")
         return v
@@ -635,6 +655,10 @@ class JobSpec(_Strict):
             )
         if self.scaling.use_gpu and self.scaling.resources_per_worker.get("GPU", 1) < 1:
             raise ValueError("scaling.use_gpu is true but resources_per_worker.GPU < 1; give each worker one GPU")
+        if not self.scaling.use_gpu and self.scaling.resources_per_worker.get("GPU", 0) > 0:
+            raise ValueError(f"scaling.resources_per_worker.GPU={self.scaling.resources_per_worker['GPU']:g} on a CPU "
+                             "job: Ray Train refuses GPUs per worker without use_gpu; set scaling.use_gpu: true or "
+                             "remove GPU")
         sizes = _config_kwargs(self.model.architecture, self.model.preset, self.model.config)
         for key in ("n_positions", "max_position_embeddings"):  # the context is data.seq_len unless set
             if isinstance(sizes.get(key), int) and sizes[key] < self.data.seq_len:
