@@ -256,8 +256,9 @@ class Storage:
             raise DamagedFileError(f"{self.uri_of(path)} is not valid JSON ({e}): the file is damaged; restore it "
                                    "from a backup, or move it aside to start it afresh") from None
 
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Write a file atomically: readers see the old file or the whole new one, never a part.
+    def write_bytes(self, path: str, data: bytes | memoryview) -> None:
+        """Write a file atomically: readers see the old file or the whole new one, never a part. ``data``:
+        bytes or any contiguous buffer (a ``memoryview``), written without a copy.
 
         Local: write a temp file next to it and rename. S3: a PUT is atomic already.
         """

@@ -1,8 +1,9 @@
 """A real two-node Ray cluster on this machine: a head (``start_local_head``) plus a second raylet that
-joins it (``join_local_worker``). The tiny job runs through the SDK with STRICT_SPREAD, one Ray Train
-worker per node; both ranks' shards land in the one checkpoint on storage both nodes share (the same
-disk, declared with ``checkpoint.shared_filesystem``), and the checkpoint promotes. A node-local storage
-folder is refused on this cluster before anything is submitted.
+joins it (``join_local_worker``). The tiny job's corpus is tokenized by Ray Data tasks on both nodes; the
+job runs through the SDK with STRICT_SPREAD, one Ray Train worker per node; both ranks' shards land in the
+one checkpoint on storage both nodes share (the same disk, declared with ``checkpoint.shared_filesystem``),
+and the checkpoint promotes. A node-local storage folder is refused on this cluster before anything is
+submitted.
 
 Only processes of this test's two Ray temp dirs are ended (never ``ray stop``): other Ray clusters on
 the machine are left alone. Prints the wall time of each phase.
@@ -23,6 +24,7 @@ from helpers.local_node import join_local_worker, stop_local_worker
 from zeroplane import cluster
 from zeroplane.cluster import procs
 from zeroplane.checkpoints import list_checkpoints
+from zeroplane.datasets import list_datasets, show_dataset
 from zeroplane.errors import ZeroplaneError
 from zeroplane.spec import load_spec
 from zeroplane.storage import Storage
@@ -115,8 +117,12 @@ def test_two_node_training_checkpoint_and_promote(two_nodes, tmp_path):
     assert len(workers) == 2, workers
     assert {w.node_id for w in workers} == node_ids
 
-    # Every rank's shard in the one complete checkpoint.
+    # Ray Data tokenized the corpus on both nodes (the manifest names the nodes whose tasks ran).
     storage = Storage.from_uri(str(tmp_path / "storage"))
+    (dataset,) = list_datasets(storage)
+    assert set(show_dataset(storage, dataset.id)["tokenize_nodes"]) == node_ids
+
+    # Every rank's shard in the one complete checkpoint.
     (ck,) = list_checkpoints(storage, job_id)
     assert ck.step == 10
     files = storage.list_files(ck.path)

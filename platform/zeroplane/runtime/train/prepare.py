@@ -189,7 +189,17 @@ def _files_udf(batch: Dict[str, np.ndarray], tok_json: str, eos_id: int, setting
     for path, raw in zip(batch["path"], batch["bytes"]):
         docs, counts = documents_of_file(str(path), bytes(raw), settings["text_field"], settings["on_bad_record"])
         tables.append(tokenize_documents(tok_json, eos_id, docs, settings["validation_fraction"], counts))
-    return pa.concat_tables(tables)
+    return _with_node(pa.concat_tables(tables))
+
+
+def _with_node(table):
+    """``table`` plus a ``node`` column: the id of the Ray node whose task tokenized it (each row), so the
+    manifest can say which nodes took part."""
+    import pyarrow as pa
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return table.append_column("node", pa.array([node] * table.num_rows, type=pa.string()))
 
 
 def _parquet_udf(batch, tok_json: str, eos_id: int, settings: Dict[str, Any]):
@@ -205,7 +215,8 @@ def _parquet_udf(batch, tok_json: str, eos_id: int, settings: Dict[str, Any]):
             skipped += 1
         elif value:
             docs.append([value])
-    return tokenize_documents(tok_json, eos_id, docs, settings["validation_fraction"], {"skipped_records": skipped})
+    return _with_node(tokenize_documents(tok_json, eos_id, docs, settings["validation_fraction"],
+                                         {"skipped_records": skipped}))
 
 
 # ------------------------------------------------------------------ tokenizer sample
@@ -309,7 +320,10 @@ class ShardWriter:
         if self.fill == 0:
             return
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self.storage.write_bytes(self.storage.path(self.folder, name), self.buf[: self.fill].astype("<" + self.buf.dtype.str[1:]).tobytes())
+        # Written from the buffer itself (no copy on a little-endian machine): a full shard's copies were
+        # the one part of the driver's memory that still grew with the corpus.
+        part = self.buf[: self.fill].astype(self.buf.dtype.newbyteorder("<"), copy=False)
+        self.storage.write_bytes(self.storage.path(self.folder, name), part.data)
         self.shards.append({"file": name, "tokens": int(self.fill)})
         self.tokens += int(self.fill)
         self.fill = 0
@@ -393,7 +407,7 @@ def ensure_dataset(spec, storage, log: Callable[[str], None] = print) -> Prepare
         if spec_err is not None:
             raise SpecError(spec_err.message) from None
         raise
-    splits, counts = stats
+    splits, counts, nodes = stats
     if splits["train"]["tokens"] == 0 or splits["val"]["tokens"] == 0:
         raise SpecError(f"data.source = {spec.data.source!r}: {splits['train']['tokens']} training and "
                         f"{splits['val']['tokens']} validation tokens from {counts['documents']} documents; give "
@@ -408,10 +422,11 @@ def ensure_dataset(spec, storage, log: Callable[[str], None] = print) -> Prepare
                       "eos_id": int(tokenizer.eos_token_id), "origin": origin},
         "settings": dsets.preparation_settings(spec.data), "dtype": dtype.name, "splits": splits, "counts": counts,
         "tokenize_s": round(elapsed, 3), "tokens_per_s": round(total / elapsed, 1) if elapsed > 0 else None,
+        "tokenize_nodes": nodes,
     }
     storage.write_json(storage.path(folder, dsets.MANIFEST), manifest)  # last: the completion marker
     log(f"[zeroplane] data: prepared dataset {ds_id} in {time.perf_counter() - t0:.1f}s ({_summary(manifest)}; "
-        f"tokenizer: {origin})")
+        f"tokenizer: {origin}; tokenized on {len(nodes)} node{'s' if len(nodes) != 1 else ''})")
     return PreparedDataset(ds_id, storage.path(folder), manifest, tok_files, reused=False)
 
 
@@ -424,7 +439,8 @@ def _summary(m: Dict[str, Any]) -> str:
 
 
 def _tokenize_and_write(data, fs, files, storage, folder, tok_json, eos_id, dtype):
-    """Run the Ray Data pipeline and write the shards; returns ``(splits, counts)``."""
+    """Run the Ray Data pipeline and write the shards; returns ``(splits, counts, nodes)``, ``nodes`` the sorted
+    ids of the Ray nodes whose tasks tokenized."""
     import pyarrow.compute as pc
     import ray.data
 
@@ -447,7 +463,9 @@ def _tokenize_and_write(data, fs, files, storage, folder, tok_json, eos_id, dtyp
     writers = {s: ShardWriter(storage, folder, s, dtype, data.shard_tokens) for s in ("train", "val")}
     counts = {"documents": 0, "chars": 0, "replaced_chars": 0, "skipped_records": 0, "empty_files": 0,
               "invalid_utf8_files": 0}
+    nodes: set = set()
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        nodes.update(pc.unique(table["node"]).to_pylist())
         for k in ("replaced_chars", "skipped_records", "empty_files", "invalid_utf8_files"):
             counts[k] += int(pc.sum(table[k]).as_py() or 0)
         ids = table["ids"].combine_chunks()
@@ -472,16 +490,16 @@ def _tokenize_and_write(data, fs, files, storage, folder, tok_json, eos_id, dtyp
         counts["chars"] += int(chars[keep].sum())
         if data.max_chars and counts["chars"] >= data.max_chars:
             break
-    return {s: w.close() for s, w in writers.items()}, counts
+    return {s: w.close() for s, w in writers.items()}, counts, sorted(nodes)
 
 
 def _pydoc_udf(batch: Dict[str, np.ndarray], tok_json: str, eos_id: int, settings: Dict[str, Any]):
     """Ray Data ``map_batches`` over the builtin topics: each a text document cut into paragraphs."""
     import pyarrow as pa
 
-    return pa.concat_tables([
+    return _with_node(pa.concat_tables([
         tokenize_documents(tok_json, eos_id, [paragraphs(bytes(raw).decode())], settings["validation_fraction"], {})
-        for raw in batch["bytes"]])
+        for raw in batch["bytes"]]))
 
 
 def main() -> int:
