@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,58 @@ def test_zero_buckets_width_sources_and_overrides():
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 5e8
     with pytest.raises(ValueError, match="hidden_size"):
         zero_buckets(2, 0)
+
+
+_GATHERED_CHILD = r"""
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, deepspeed
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from zeroplane.runtime.train.loop import release_gathered_params
+from zeroplane.spec import load_spec
+from zeroplane.spec.deepspeed import build_deepspeed_config
+
+spec = load_spec(sys.argv[2], ["deepspeed.zero_stage=3"])
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                  config=build_deepspeed_config(spec, 1, hidden_size=16))
+
+def gathered():  # parameters held whole beyond the persistent (small) ones
+    return sum(1 for p in engine.module.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist)
+
+x = torch.randn(4, 64)
+engine.backward(engine(x).sum())
+engine.step()
+after_step = gathered()
+engine.eval()
+with torch.no_grad():
+    engine(x)
+after_eval = gathered()
+release_gathered_params(engine, 3)
+engine.train()
+after_release = gathered()
+engine.backward(engine(x).sum())  # training goes on: parameters are gathered again on use
+engine.step()
+partitioned = sum(1 for p in engine.module.parameters() if not p.ds_persist)
+print(json.dumps({"partitioned": partitioned, "after_step": after_step, "after_eval": after_eval,
+                  "after_release": after_release}))
+"""
+
+
+def test_zero3_evaluation_leaves_no_gathered_parameters(tmp_path):
+    """A ZeRO-3 forward without backward (evaluation, the probe) keeps the weights gathered whole;
+    ``release_gathered_params`` returns the rank to its partitions, and training continues."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    run = subprocess.run([sys.executable, "-c", _GATHERED_CHILD, str(port), str(REPO / "jobs" / "tiny-cpu.yaml")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    assert counts["after_step"] == 0, counts
+    assert counts["partitioned"] >= 2 and counts["after_eval"] == counts["partitioned"], counts  # all whole
+    assert counts["after_release"] == 0, counts
