@@ -1,6 +1,6 @@
 # zeroplane: `make demo` runs the main job end to end on a local Ray head; `make test` runs the tests.
 # Both create .venv on first use (torch 2.13.0 CPU wheel first, then the project).
-# `make bench` runs bench/run_all.py (all benchmarks, ~10 min on 2 cores; results in bench/results/, published to bench/report/).
+# `make bench` runs bench/run_all.py (all benchmarks, ~17 min on 2 cores; results in bench/results/, published to bench/report/).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
