@@ -10,7 +10,8 @@ A *rollout* (``serve deploy``, ``promote``, ``serve rollback``) goes through :fu
 3. the new config is applied and watched (:func:`watch`): it succeeds when every deployment of the
    application is HEALTHY on the new versions; it fails *at the first* replica start-up failure Serve
    reports (the replica's own error is the message), when Serve reports replicas that could not be
-   scheduled for ``schedule_timeout_s``, or after ``timeout_s``;
+   scheduled for ``schedule_timeout_s`` while the resources they need are not free (replicas that are
+   only slow to start, with the resources free, are waited for), or after ``timeout_s``;
 4. on failure the config that was serving before is applied again (Serve keeps the previous
    version's replicas during a failed in-place update, so they answer throughout and nothing restarts),
    or the application is removed when there was none; the entry records the outcome, the reason, what
@@ -24,6 +25,7 @@ records. No ray/torch imports (Serve is reached through :class:`zeroplane.servin
 
 from __future__ import annotations
 
+import ast
 import re
 import time
 from datetime import datetime, timezone
@@ -144,6 +146,23 @@ def replica_error(message: str) -> str:
     return lines[0] if lines else message
 
 
+def fits_available(message: str) -> bool:
+    """Whether Serve's slow-scheduling ``message`` shows every resource a replica needs as free in the
+    cluster (its "total resources available"): then the replica is slow to start (worker processes starting
+    on a loaded machine, a runtime environment being set up), not unschedulable. False when the message
+    does not say. The figure is the cluster's sum, so a replica that fits no single node can still read as
+    fitting; such a rollout then ends at the rollout's overall timeout instead (and :func:`check_fits`
+    refuses most of those up front)."""
+    m = _RESOURCES_RE.search(message)
+    if not m:
+        return False
+    try:
+        need, free = (ast.literal_eval(g) for g in m.groups())  # Ray prints Python or JSON dicts
+        return all(float(v) <= float(free.get(k, 0.0)) for k, v in need.items())
+    except (ValueError, SyntaxError, TypeError, AttributeError):
+        return False
+
+
 def unschedulable(message: str) -> str:
     """``cannot schedule: need {...} per replica, have {...}`` from Serve's slow-scheduling message."""
     m = _RESOURCES_RE.search(message)
@@ -190,7 +209,8 @@ def watch(applications: Callable[[], Dict[str, Any]], name: str, state: Dict[str
         name: the application.
         state: what it must serve (:func:`state_of` of the applied config).
         timeout_s: the overall bound.
-        schedule_timeout_s: how long replicas Serve reports as not scheduled may wait.
+        schedule_timeout_s: how long replicas Serve reports as not scheduled may wait while the resources
+            they need are not free (:func:`fits_available`); with them free, until ``timeout_s``.
         progress: called with one line per status change.
         stale: messages present before the config was applied (:func:`messages_of`): they describe the
             previous config and are ignored, and so is a failed status while such a message is still
@@ -217,7 +237,7 @@ def watch(applications: Callable[[], Dict[str, Any]], name: str, state: Dict[str
             raise RolloutFailed(replica_error(failed))
         if status in ("DEPLOY_FAILED", "UNHEALTHY") and not (messages_of(d) & stale):
             raise RolloutFailed(replica_error(d.get("message") or next(iter(messages), status)))
-        waiting = next((m for m in messages if _NOT_SCHEDULED in m), None)
+        waiting = next((m for m in messages if _NOT_SCHEDULED in m and not fits_available(m)), None)
         now = time.monotonic()
         if waiting:
             unscheduled_since = unscheduled_since or now

@@ -220,3 +220,20 @@ def test_a_draining_canary_takes_no_traffic_in_what_status_shows():
     drain = {"args": {"version": "v2", "canary": {"version": "v2", "model_uri": "/m", "weight_percent": 0.0}}}
     assert split_of({"deployed_app_config": drain}) == [{"version": "v2", "weight_percent": 100.0, "deployment": "ModelServer"}]
     assert releases.describe(releases.state_of(drain)) == "v2 (draining canary v2)"
+
+
+# Ray 2.60 prints the resource dicts as JSON; the replica needs less than is free: slow, not unschedulable.
+SLOW_BUT_FREE = SLOW.replace("{'CPU': 8.0}", '{"CPU": 0.25}').replace("{'CPU': 3.5}", '{"CPU": 3.15}')
+
+
+def test_replicas_slow_to_start_with_the_resources_free_are_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(releases, "POLL_S", 0.0)
+    storage = Storage.from_uri(str(tmp_path))
+    slow = _app("v2", status="DEPLOYING", dep_status="UPDATING", message=SLOW_BUT_FREE)
+    serve = ScriptedServe(_app("v1"), [slow] * 20 + [_app("v2")])
+    new = {"name": "tiny", "args": {"version": "v2"}}
+    releases.rollout(serve, storage, new, "serve deploy tiny:v2", timeout_s=30, schedule_timeout_s=0)
+    assert serve.applied == [new]  # never undone
+    assert [e["outcome"] for e in History(storage, "tiny").entries()] == ["running"]
+    assert releases.fits_available(SLOW_BUT_FREE) and not releases.fits_available(SLOW)
+    assert not releases.fits_available("taken more than 30s to be scheduled")  # says nothing: not free
