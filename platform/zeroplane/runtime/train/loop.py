@@ -185,19 +185,16 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                 losses.append(engine(input_ids=x, labels=x).loss.float())
         mean = torch.stack(losses).mean().detach().to(device)
         dist.all_reduce(mean)
-        release_gathered()
+        release_gathered_params(engine, spec.deepspeed.zero_stage)
         engine.train()
         return float(mean) / world
-
-    def release_gathered() -> None:
-        release_gathered_params(engine, spec.deepspeed.zero_stage)
 
     def probe_logits():
         engine.eval()
         with torch.no_grad():
             ids = torch.tensor([probe_ids(tokenizer)], dtype=torch.long, device=device)
             logits = engine(input_ids=ids).logits.float().cpu()
-        release_gathered()
+        release_gathered_params(engine, spec.deepspeed.zero_stage)
         engine.train()
         return ids.cpu(), logits
 
