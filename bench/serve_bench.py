@@ -10,7 +10,8 @@ For each engine (``serve.engine`` ``generate``, then ``continuous``; ``max_batch
   aggregate generated tokens/s of each and their ratio (goal >= 4), and time to first token (TTFT): p95 at
   16 streams over p50 at 1 stream (goal <= 3);
 * **Serve path** — one client, a greedy 16-token non-streaming request: p50 over HTTP over the p50 of the same
-  engine called in this process (goal <= 1.15).
+  engine called in this process (goal <= 1.15), measured in alternation (one request in process, then one over
+  HTTP) so that the machine's speed, which drifts on a shared host, is the same for both.
 
 Usage: ``python bench/serve_bench.py [--mix-requests 12] [--engines generate,continuous]``. Starts its own
 local Ray (``address="local"``, 4 logical CPUs) and one replica (1 CPU; Ray gives it OMP_NUM_THREADS=1, and
@@ -139,38 +140,63 @@ def _pct(s: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, int(round(q * len(s))) - 1))]
 
 
-def in_process_p50_ms(engine_kind: str, model, tok, body: dict, n: int) -> float:
-    """p50 of the same request through the same engine called in this process (one thread), in ms."""
-    from zeroplane.runtime.serve.engine import ContinuousBatchingEngine, GenerateEngine, pad_id
-    from zeroplane.runtime.serve.protocol import Job
+class InProcess:
+    """The engine ``engine_kind`` built in this process (one thread) on the bench model, answering ``body``
+    the way a replica's engine does (tokenize, generate, decode) without Serve or HTTP in between."""
 
-    torch.set_num_threads(1)
-    ids = tok(body["prompt"])["input_ids"]
-    if engine_kind == "continuous":
-        engine = ContinuousBatchingEngine(model, tok.eos_token_id, 16)
-        engine.warmup()
-    else:
-        engine = GenerateEngine(model, torch.device("cpu"), tok.eos_token_id, pad_id(tok), 16, 0.01)
+    def __init__(self, engine_kind: str, model, tok, body: dict) -> None:
+        from zeroplane.runtime.serve.engine import ContinuousBatchingEngine, GenerateEngine, pad_id
 
-    async def one() -> float:
-        t = time.perf_counter()
-        job = Job(ids, body["max_tokens"], 0.0, 1.0, None, time.monotonic() + 60)
+        torch.set_num_threads(1)
+        self.kind, self.tok, self.body = engine_kind, tok, body
         if engine_kind == "continuous":
+            self.engine = ContinuousBatchingEngine(model, tok.eos_token_id, 16)
+            self.engine.warmup()
+        else:
+            self.engine = GenerateEngine(model, torch.device("cpu"), tok.eos_token_id, pad_id(tok), 16, 0.01)
+
+    async def _one(self) -> float:
+        from zeroplane.runtime.serve.protocol import Job
+
+        t = time.perf_counter()
+        ids = self.tok(self.body["prompt"])["input_ids"]
+        job = Job(ids, self.body["max_tokens"], 0.0, 1.0, None, time.monotonic() + 60)
+        if self.kind == "continuous":
             out = []
-            async for part in engine.generate(job, False):
+            async for part in self.engine.generate(job, False):
                 out += part
         else:  # the batched generate call itself (its @serve.batch queue needs a Serve replica)
-            out = engine._run_jobs([job])[0]
-        tok.decode(out, skip_special_tokens=True)
+            out = self.engine._run_jobs([job])[0]
+        self.tok.decode(out, skip_special_tokens=True)
         return time.perf_counter() - t
 
-    async def run() -> list[float]:
-        return [await one() for _ in range(n + 2)][2:]
+    def once_s(self) -> float:
+        """Seconds of one request through the engine in this process."""
+        return asyncio.run(self._one())
 
-    try:
-        return statistics.median(asyncio.run(run())) * 1e3
-    finally:
-        engine.shutdown()
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def paired_path(url: str, in_process: InProcess, n: int) -> dict:
+    """The Serve path against the same engine in process, measured in alternation (request ``i`` over HTTP
+    right after request ``i`` in process, so that a machine that slows down or speeds up during the run moves
+    both): ``n`` pairs after two warm-up pairs; p50 of each and ``serve_over_in_process_p50``, their ratio."""
+    http, local = [], []
+    with requests.Session() as s:
+        for i in range(n + 2):
+            t_local = in_process.once_s()
+            t_http = send(s, url, in_process.body)["latency_s"]
+            if i >= 2:
+                local.append(t_local)
+                http.append(t_http)
+    lats = sorted(http)
+    return {"clients": 1, "requests": n, "wall_s": sum(http), "req_per_s": n / sum(http),
+            "tokens_per_s": n * in_process.body["max_tokens"] / sum(http),
+            "p50_ms": statistics.median(lats) * 1e3, "p95_ms": _pct(lats, 0.95) * 1e3,
+            "ttft_p50_ms": None, "ttft_p95_ms": None,
+            "in_process_p50_ms": statistics.median(local) * 1e3,
+            "serve_over_in_process_p50": statistics.median(http) / statistics.median(local)}
 
 
 def main() -> int:
@@ -192,20 +218,25 @@ def main() -> int:
     model, tok = build_model(tmp)
     path_body = {"prompt": prompt_of(tok, 16), "max_tokens": 16, "temperature": 0}
     stream_body = {"prompt": prompt_of(tok, 32), "max_tokens": 64, "temperature": 0, "stream": True}
-    in_process = {e: in_process_p50_ms(e, model, tok, path_body, args.single_requests) for e in engines}
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/bench"
-    runs = {}
+    runs, in_process = {}, {}
     try:
         for engine in engines:
             serve.run(build_app({"model_name": "bench", "version": "v1", "model_uri": str(tmp), "auth": False,
                                  "max_tokens_cap": 128, "max_batch_size": 16, "batch_wait_timeout_s": 0.01,
                                  "engine": engine}), name="bench", route_prefix="/bench")
             http_run(url, 1, mix_bodies(tok, 4, seed=99))  # warm-up
-            r = {"path_1": http_run(url, 1, [path_body] * args.single_requests),
+            local = InProcess(engine, model, tok, path_body)
+            try:
+                path = paired_path(url, local, args.single_requests)
+            finally:
+                local.close()
+            in_process[engine] = path["in_process_p50_ms"]
+            r = {"path_1": path,
                  "mix_1": http_run(url, 1, mix_bodies(tok, args.mix_requests, seed=1)),
                  "mix_16": http_run(url, 16, mix_bodies(tok, 3 * 16 * max(1, args.mix_requests // 12), seed=2)),
                  "stream_1": http_run(url, 1, [stream_body] * 4),
@@ -213,7 +244,7 @@ def main() -> int:
             r["ratios"] = {
                 "mix_16_over_1_req_per_s": r["mix_16"]["req_per_s"] / r["mix_1"]["req_per_s"],
                 "streams_16_over_1_tokens_per_s": r["stream_16"]["tokens_per_s"] / r["stream_1"]["tokens_per_s"],
-                "serve_over_in_process_p50": r["path_1"]["p50_ms"] / in_process[engine],
+                "serve_over_in_process_p50": path["serve_over_in_process_p50"],
                 "ttft_p95_16_over_p50_1": r["stream_16"]["ttft_p95_ms"] / r["stream_1"]["ttft_p50_ms"],
             }
             runs[engine] = r
