@@ -126,7 +126,11 @@ def http_run(url: str, clients: int, bodies: list[dict]) -> dict:
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [x for part in pool.map(client, range(clients)) for x in part]
-    wall = time.perf_counter() - started
+    return summarize(results, clients, time.perf_counter() - started)
+
+
+def summarize(results: list[dict], clients: int, wall: float) -> dict:
+    """Rates, latency and TTFT percentiles (ms) of :func:`send` results that took ``wall`` seconds in all."""
     lats = sorted(r["latency_s"] for r in results)
     ttfts = sorted(r["ttft_s"] for r in results if r.get("ttft_s") is not None)
     return {"clients": clients, "requests": len(results), "wall_s": wall, "req_per_s": len(results) / wall,
@@ -186,17 +190,14 @@ def paired_path(url: str, in_process: InProcess, n: int) -> dict:
     with requests.Session() as s:
         for i in range(n + 2):
             t_local = in_process.once_s()
-            t_http = send(s, url, in_process.body)["latency_s"]
+            result = send(s, url, in_process.body)
             if i >= 2:
                 local.append(t_local)
-                http.append(t_http)
-    lats = sorted(http)
-    return {"clients": 1, "requests": n, "wall_s": sum(http), "req_per_s": n / sum(http),
-            "tokens_per_s": n * in_process.body["max_tokens"] / sum(http),
-            "p50_ms": statistics.median(lats) * 1e3, "p95_ms": _pct(lats, 0.95) * 1e3,
-            "ttft_p50_ms": None, "ttft_p95_ms": None,
-            "in_process_p50_ms": statistics.median(local) * 1e3,
-            "serve_over_in_process_p50": statistics.median(http) / statistics.median(local)}
+                http.append(result)
+    out = summarize(http, 1, sum(r["latency_s"] for r in http))
+    out["in_process_p50_ms"] = statistics.median(local) * 1e3
+    out["serve_over_in_process_p50"] = out["p50_ms"] / out["in_process_p50_ms"]
+    return out
 
 
 def main() -> int:
