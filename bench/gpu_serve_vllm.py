@@ -5,7 +5,7 @@ next to the ``continuous`` engine on the same GPU.
 Prepared for a machine with a CUDA GPU and ``vllm`` installed (``pip install 'ray[llm]'``; vLLM is never a
 zeroplane requirement). Not run yet: the development machine has no GPU.
 
-Usage: ``python bench/gpu_serve_vllm.py [--layers 12 --width 768] [--mix-requests 12]``. Exits 2 without a GPU
+Usage: ``python bench/gpu_serve_vllm.py [--layers 12 --width 768] [--mix-requests 64]``. Exits 2 without a GPU
 or without vllm. Writes ``bench/results/gpu_serve_vllm.json`` and prints the same ratios as
 ``bench/serve_bench.py`` for both engines.
 """
@@ -54,8 +54,8 @@ def run_engine(url: str, tok, model_field: str, mix: int) -> dict:
     stream_body = {"prompt": prompt_of(tok, 32), "max_tokens": 64, "temperature": 0, "stream": True,
                    "model": model_field}
     http_run(url, 1, with_model(mix_bodies(tok, 4, seed=99)))  # warm-up
-    r = {"mix_1": http_run(url, 1, with_model(mix_bodies(tok, mix, seed=1))),
-         "mix_16": http_run(url, 16, with_model(mix_bodies(tok, 4 * mix, seed=2))),
+    bodies = with_model(mix_bodies(tok, mix, seed=1))
+    r = {"mix_1": http_run(url, 1, bodies), "mix_16": http_run(url, 16, bodies),
          "stream_1": http_run(url, 1, [stream_body] * 4),
          "stream_16": http_run(url, 16, [stream_body] * 32)}
     r["ratios"] = {
@@ -70,7 +70,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=at_least(1), default=12)
     ap.add_argument("--width", type=at_least(64), default=768)
-    ap.add_argument("--mix-requests", type=at_least(2), default=12)
+    ap.add_argument("--mix-requests", type=at_least(16), default=64)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU here: this check needs one", file=sys.stderr)

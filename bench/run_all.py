@@ -40,7 +40,8 @@ BENCHES = {  # name -> (script, extra args, result files under bench/results/)
                     ["memory_bench_bf16.json"]),
     "control": ("control_bench.py", [], ["control_bench.json"]),
     "promote": ("promote_bench.py", [], ["promote_bench.json"]),
-    "serve": ("serve_bench.py", ["--mix-requests", "12", "--single-requests", "20"], ["serve_bench.json"]),
+    "serve": ("serve_bench.py", ["--mix-requests", "64", "--single-requests", "20", "--repeats", "3"],
+              ["serve_bench.json"]),
     "data": ("data_bench.py", [], ["data_bench.json"]),
 }
 DEFAULT = ["train", "memory", "memory_bf16", "promote", "serve"]
@@ -93,8 +94,11 @@ def summarize(results: Dict[str, Any]) -> List[List[Any]]:
             for engine in ("continuous", "generate"):
                 if engine in engines:
                     others = [f"{e} {engines[e]['ratios'][key]:.2f}" for e in engines if e != engine]
+                    spread = engines[engine].get("ratio_range", {}).get(key)
                     rows.append(["serve", f"{label}, {engine}", engines[engine]["ratios"][key],
-                                 f"goal {r['goals'][key]:g}" + (f"; {', '.join(others)}" if others else "")])
+                                 f"goal {r['goals'][key]:g}"
+                                 + (f"; median of {r['repeats']} rounds, {spread[0]:.2f}-{spread[1]:.2f}" if spread else "")
+                                 + (f"; {', '.join(others)}" if others else "")])
                     break
     if (r := results.get("data")):
         q = r["ratios"]

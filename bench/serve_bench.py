@@ -4,8 +4,9 @@ same workload, one run, over real HTTP.
 For each engine (``serve.engine`` ``generate``, then ``continuous``; ``max_batch_size`` 16):
 
 * **mix** — requests whose prompt is 8–200 tokens and whose ``max_tokens`` is 16–128 (seeded draws), half
-  streaming and half sampled (temperature 0.8, seeded; the other half greedy), sent by 1 client and by 16
-  concurrent clients: requests/s of each, and their ratio (goal >= 4);
+  streaming and half sampled (temperature 0.8, seeded; the other half greedy), the same requests sent by 1
+  client and by 16 concurrent clients (a closed loop: each client sends the next request when its last one
+  ends): requests/s of each, and their ratio (goal >= 4);
 * **streams** — 1 stream alone and 16 concurrent streams (32-token prompt, 64 new tokens, greedy):
   aggregate generated tokens/s of each and their ratio (goal >= 4), and time to first token (TTFT): p95 at
   16 streams over p50 at 1 stream (goal <= 3);
@@ -13,7 +14,7 @@ For each engine (``serve.engine`` ``generate``, then ``continuous``; ``max_batch
   engine called in this process (goal <= 1.15), measured in alternation (one request in process, then one over
   HTTP) so that the machine's speed, which drifts on a shared host, is the same for both.
 
-Usage: ``python bench/serve_bench.py [--mix-requests 12] [--engines generate,continuous]``. Starts its own
+Usage: ``python bench/serve_bench.py [--mix-requests 64] [--engines generate,continuous]``. Starts its own
 local Ray (``address="local"``, 4 logical CPUs) and one replica (1 CPU; Ray gives it OMP_NUM_THREADS=1, and
 the in-process baselines run on one thread alike); the model is a 4-layer GPT-2 built from a config with a BPE
 tokenizer trained here (nothing downloaded). Prints a table and writes ``bench/results/serve_bench.json`` and
@@ -30,6 +31,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,11 +119,21 @@ def send(session: requests.Session, url: str, body: dict) -> dict:
 
 
 def http_run(url: str, clients: int, bodies: list[dict]) -> dict:
-    """``clients`` threads sending ``bodies`` (client ``c`` takes every ``clients``-th one) back to back."""
+    """A closed loop at ``clients`` concurrency: ``clients`` threads, each sending the next unsent body of
+    ``bodies`` as soon as its previous request ends, until all are sent. (A fixed share per client would leave
+    clients idle while the one with the longest share finishes, and count that tail against the rate.)"""
+    pending = iter(enumerate(bodies))
+    lock = threading.Lock()
 
-    def client(c):
+    def client(_):
+        out = []
         with requests.Session() as s:
-            return [send(s, url, b) for b in bodies[c::clients]]
+            while True:
+                with lock:
+                    nxt = next(pending, None)
+                if nxt is None:
+                    return out
+                out.append(send(s, url, nxt[1]))
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -200,19 +212,52 @@ def paired_path(url: str, in_process: InProcess, n: int) -> dict:
     return out
 
 
+def measure_engine(url: str, engine: str, model, tok, model_dir: Path, args, path_body: dict,
+                   stream_body: dict) -> dict:
+    """Deploy ``engine`` as application ``bench`` and run every workload of the module docstring against it
+    once; returns each run's summary and the four ratios. The application is deleted afterwards."""
+    from ray import serve
+
+    from zeroplane.runtime.serve.app import build_app
+
+    serve.run(build_app({"model_name": "bench", "version": "v1", "model_uri": str(model_dir), "auth": False,
+                         "max_tokens_cap": 128, "max_batch_size": 16, "batch_wait_timeout_s": 0.01,
+                         "engine": engine}), name="bench", route_prefix="/bench")
+    try:
+        http_run(url, 1, mix_bodies(tok, 4, seed=99))  # warm-up
+        local = InProcess(engine, model, tok, path_body)
+        try:
+            path = paired_path(url, local, args.single_requests)
+        finally:
+            local.close()
+        mix = mix_bodies(tok, args.mix_requests, seed=1)
+        r = {"path_1": path, "mix_1": http_run(url, 1, mix), "mix_16": http_run(url, 16, mix),
+             "stream_1": http_run(url, 1, [stream_body] * 4),
+             "stream_16": http_run(url, 16, [stream_body] * 32)}
+    finally:
+        serve.delete("bench")
+    r["ratios"] = {
+        "mix_16_over_1_req_per_s": r["mix_16"]["req_per_s"] / r["mix_1"]["req_per_s"],
+        "streams_16_over_1_tokens_per_s": r["stream_16"]["tokens_per_s"] / r["stream_1"]["tokens_per_s"],
+        "serve_over_in_process_p50": path["serve_over_in_process_p50"],
+        "ttft_p95_16_over_p50_1": r["stream_16"]["ttft_p95_ms"] / r["stream_1"]["ttft_p50_ms"],
+    }
+    return r
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mix-requests", type=at_least(2), default=12, help="Mix requests of the 1-client run; "
-                                                                            "the 16-client run sends 3x as many.")
+    ap.add_argument("--mix-requests", type=at_least(16), default=64,
+                    help="Mixed requests; the 1-client and the 16-client runs send the same ones.")
     ap.add_argument("--single-requests", type=at_least(1), default=20, help="Requests of the Serve-path runs.")
     ap.add_argument("--engines", default="generate,continuous", help="Engines to compare, in this order.")
+    ap.add_argument("--repeats", type=at_least(1), default=3,
+                    help="Rounds; each measures every engine once, in order. A ratio is the median of its rounds.")
     args = ap.parse_args()
     engines = [e for e in args.engines.split(",") if e]
 
     import ray
     from ray import serve
-
-    from zeroplane.runtime.serve.app import build_app
 
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="zeroplane-bench-"))
@@ -224,52 +269,43 @@ def main() -> int:
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/bench"
-    runs, in_process = {}, {}
+    rounds: dict = {e: [] for e in engines}
     try:
-        for engine in engines:
-            serve.run(build_app({"model_name": "bench", "version": "v1", "model_uri": str(tmp), "auth": False,
-                                 "max_tokens_cap": 128, "max_batch_size": 16, "batch_wait_timeout_s": 0.01,
-                                 "engine": engine}), name="bench", route_prefix="/bench")
-            http_run(url, 1, mix_bodies(tok, 4, seed=99))  # warm-up
-            local = InProcess(engine, model, tok, path_body)
-            try:
-                path = paired_path(url, local, args.single_requests)
-            finally:
-                local.close()
-            in_process[engine] = path["in_process_p50_ms"]
-            r = {"path_1": path,
-                 "mix_1": http_run(url, 1, mix_bodies(tok, args.mix_requests, seed=1)),
-                 "mix_16": http_run(url, 16, mix_bodies(tok, 3 * 16 * max(1, args.mix_requests // 12), seed=2)),
-                 "stream_1": http_run(url, 1, [stream_body] * 4),
-                 "stream_16": http_run(url, 16, [stream_body] * 32)}
-            r["ratios"] = {
-                "mix_16_over_1_req_per_s": r["mix_16"]["req_per_s"] / r["mix_1"]["req_per_s"],
-                "streams_16_over_1_tokens_per_s": r["stream_16"]["tokens_per_s"] / r["stream_1"]["tokens_per_s"],
-                "serve_over_in_process_p50": path["serve_over_in_process_p50"],
-                "ttft_p95_16_over_p50_1": r["stream_16"]["ttft_p95_ms"] / r["stream_1"]["ttft_p50_ms"],
-            }
-            runs[engine] = r
-            print(f"  {engine}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()), file=sys.stderr)
-            serve.delete("bench")
+        for i in range(args.repeats):
+            for engine in engines:
+                r = measure_engine(url, engine, model, tok, tmp, args, path_body, stream_body)
+                rounds[engine].append(r)
+                print(f"  round {i + 1} {engine}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()),
+                      file=sys.stderr)
     finally:
         serve.shutdown()
         ray.shutdown()
 
+    # Per engine: the median of each ratio over the rounds, its range, and every round's runs.
+    runs = {e: {"ratios": {k: statistics.median(r["ratios"][k] for r in rs) for k in GOALS},
+                "ratio_range": {k: [min(r["ratios"][k] for r in rs), max(r["ratios"][k] for r in rs)] for k in GOALS},
+                "rounds": rs} for e, rs in rounds.items()}
     result = {
         "benchmark": "serve", "machine": machine(),
         "model": {"layers": 4, "width": 128, "params": sum(p.numel() for p in model.parameters())},
-        "max_batch_size": 16, "goals": GOALS, "in_process_p50_ms": in_process, "engines": runs,
-        "total_s": time.monotonic() - t0,
+        "max_batch_size": 16, "repeats": args.repeats, "goals": GOALS,
+        "in_process_p50_ms": {e: statistics.median(r["path_1"]["in_process_p50_ms"] for r in rs)
+                              for e, rs in rounds.items()},
+        "engines": runs, "total_s": time.monotonic() - t0,
     }
-    print(f"\nserving: {result['model']['params'] / 1e6:.2f} M-param GPT-2, one replica, max_batch_size 16")
+    print(f"\nserving: {result['model']['params'] / 1e6:.2f} M-param GPT-2, one replica, max_batch_size 16, "
+          f"{args.repeats} rounds")
     keys = ["mix_1", "mix_16", "stream_1", "stream_16", "path_1"]
-    print(table(["engine", "run", "req/s", "tokens/s", "p50 ms", "p95 ms", "TTFT p50 ms", "TTFT p95 ms"],
-                [[e, k, runs[e][k]["req_per_s"], runs[e][k]["tokens_per_s"], runs[e][k]["p50_ms"], runs[e][k]["p95_ms"],
-                  runs[e][k]["ttft_p50_ms"] or 0.0, runs[e][k]["ttft_p95_ms"] or 0.0] for e in runs for k in keys]))
-    print(table(["ratio", "goal"] + list(runs), [[k, g] + [runs[e]["ratios"][k] for e in runs] for k, g in GOALS.items()]))
+    print(table(["engine", "round", "run", "req/s", "tokens/s", "p50 ms", "p95 ms", "TTFT p50 ms", "TTFT p95 ms"],
+                [[e, i + 1, k, r[k]["req_per_s"], r[k]["tokens_per_s"], r[k]["p50_ms"], r[k]["p95_ms"],
+                  r[k]["ttft_p50_ms"] or 0.0, r[k]["ttft_p95_ms"] or 0.0]
+                 for e, rs in rounds.items() for i, r in enumerate(rs) for k in keys]))
+    print(table(["ratio (median of rounds)", "goal"] + [f"{e} (range)" for e in runs],
+                [[k, g] + [f"{runs[e]['ratios'][k]:.2f} ({runs[e]['ratio_range'][k][0]:.2f}-"
+                           f"{runs[e]['ratio_range'][k][1]:.2f})" for e in runs] for k, g in GOALS.items()]))
     out = write_result("serve_bench", result)
-    png = bar_plot("serve_bench", "Serving ratios per engine (goal lines in the README)", list(GOALS),
-                   {e: [runs[e]["ratios"][k] for k in GOALS] for e in runs}, "ratio")
+    png = bar_plot("serve_bench", f"Serving ratios per engine, median of {args.repeats} rounds (goal lines in the "
+                   "README)", list(GOALS), {e: [runs[e]["ratios"][k] for k in GOALS] for e in runs}, "ratio")
     print(f"wrote {out} and {png} ({result['total_s']:.0f} s)")
     return 0
 
