@@ -1,5 +1,6 @@
 """Serving benchmark: the continuous batching engine next to the old batched-generate engine, same replica,
-same workload, one run, over real HTTP.
+same workloads, over real HTTP, in rounds (``--repeats``, 3) that each measure both engines in turn; every ratio
+is reported as the median of its rounds with their range (a single run moved by up to 1.5x on this shared host).
 
 For each engine (``serve.engine`` ``generate``, then ``continuous``; ``max_batch_size`` 16):
 
@@ -14,9 +15,9 @@ For each engine (``serve.engine`` ``generate``, then ``continuous``; ``max_batch
   engine called in this process (goal <= 1.15), measured in alternation (one request in process, then one over
   HTTP) so that the machine's speed, which drifts on a shared host, is the same for both.
 
-Usage: ``python bench/serve_bench.py [--mix-requests 64] [--engines generate,continuous]``. Starts its own
-local Ray (``address="local"``, 4 logical CPUs) and one replica (1 CPU; Ray gives it OMP_NUM_THREADS=1, and
-the in-process baselines run on one thread alike); the model is a 4-layer GPT-2 built from a config with a BPE
+Usage: ``python bench/serve_bench.py [--mix-requests 64] [--repeats 3] [--engines generate,continuous]``.
+Starts its own local Ray (``address="local"``, 4 logical CPUs) and one replica (1 CPU; Ray gives it
+OMP_NUM_THREADS=1, and the in-process baselines run on one thread alike); the model is a 4-layer GPT-2 built from a config with a BPE
 tokenizer trained here (nothing downloaded). Prints a table and writes ``bench/results/serve_bench.json`` and
 ``serve_bench.png``.
 """
@@ -122,7 +123,7 @@ def http_run(url: str, clients: int, bodies: list[dict]) -> dict:
     """A closed loop at ``clients`` concurrency: ``clients`` threads, each sending the next unsent body of
     ``bodies`` as soon as its previous request ends, until all are sent. (A fixed share per client would leave
     clients idle while the one with the longest share finishes, and count that tail against the rate.)"""
-    pending = iter(enumerate(bodies))
+    pending = iter(bodies)
     lock = threading.Lock()
 
     def client(_):
@@ -133,7 +134,7 @@ def http_run(url: str, clients: int, bodies: list[dict]) -> dict:
                     nxt = next(pending, None)
                 if nxt is None:
                     return out
-                out.append(send(s, url, nxt[1]))
+                out.append(send(s, url, nxt))
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
