@@ -1,8 +1,7 @@
 """Releases that protect the endpoint, against a real local Ray + Serve and real HTTP: a version that
 crashes in its constructor and one that cannot be scheduled are undone by the CLI's rollout itself
 while a client sends requests the whole time (none fails), `serve status` says what serves and what
-failed, and `serve rollback` follows the recorded history; two gated canary releases (one failing, one good)
-decide from the replicas' metrics while clients send requests; `models gc` removes only what nothing serves."""
+failed, and `serve rollback` follows the recorded history."""
 
 from __future__ import annotations
 
@@ -131,7 +130,7 @@ FAST_RELEASE = {"steps": [50, 100], "window_s": 12, "min_requests": 5, "max_erro
 LONG = {"prompt": "the quick brown fox jumps over the lazy dog", "max_tokens": 12, "temperature": 0}
 
 
-def _release_outcome(storage: str, name: str, canary: str, timeout_s: float = 600) -> dict:
+def _release_outcome(storage: str, canary: str, timeout_s: float = 600) -> dict:
     """The finished release record of ``canary`` (an earlier release's record is there until this one starts).
 
     ``timeout_s`` only bounds a release that never ends: one takes ~110 s on an idle 2-core machine and over
@@ -142,7 +141,7 @@ def _release_outcome(storage: str, name: str, canary: str, timeout_s: float = 60
     st = Storage.from_uri(storage)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        path = st.path(layout.release_file(name))
+        path = st.path(layout.release_file("tiny"))
         rec = st.read_json(path) if st.exists(path) else {}
         if rec.get("canary") == canary and rec.get("status") in ("promoted", "rolled back", "superseded"):
             return rec
@@ -150,87 +149,59 @@ def _release_outcome(storage: str, name: str, canary: str, timeout_s: float = 60
     raise AssertionError(f"the release did not finish in {timeout_s}s: {rec}")
 
 
-class _GatedRelease:
-    """One application ``name`` serving v1 under load (a client sending ``LONG`` back to back), then a gated
-    canary release of a second version whose model has a context of ``n_positions`` tokens."""
+def _gated(head, tmp_path, seed: int, n_positions: int):
+    from zeroplane.registry import Registry
+    from zeroplane.storage import Storage
 
-    def __init__(self, head, root, name: str, seed: int, n_positions: int) -> None:
-        from zeroplane.registry import Registry
-        from zeroplane.storage import Storage
+    zp, storage, key = head
+    rec = Registry(Storage.from_uri(storage)).register(
+        "tiny", tiny_version(tmp_path / f"model-{seed}", seed, n_positions=n_positions),
+        {"source": {"job_id": "test", "step": seed}, "serve_defaults": {"release": FAST_RELEASE}})
+    url = zp.deploy("tiny", "v1", storage=storage, overrides=SMALL)
+    results: list = []
+    stop = threading.Event()
 
-        zp, storage, self.key = head
-        reg = Registry(Storage.from_uri(storage))
-        reg.register(name, tiny_version(root / f"{name}-stable", 1), {"source": {"job_id": "test", "step": 1}})
-        rec = reg.register(name, tiny_version(root / f"{name}-canary", seed, n_positions=n_positions),
-                           {"source": {"job_id": "test", "step": seed}, "serve_defaults": {"release": FAST_RELEASE}})
-        self.name, self.version = name, rec["version"]
-        self.url = zp.deploy(name, "v1", storage=storage, overrides=SMALL)
-        self.results: list = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._load, daemon=True)
+    def load():
+        while not stop.is_set():
+            r = requests.post(f"{url}/v1/completions", json=LONG, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+            results.append((r.status_code, r.json().get("model") if r.status_code == 200 else r.text[:300]))
 
-    def _load(self) -> None:
-        while not self._stop.is_set():
-            r = requests.post(f"{self.url}/v1/completions", json=LONG, timeout=120,
-                              headers={"Authorization": f"Bearer {self.key}"})
-            self.results.append((r.status_code, r.json().get("model") if r.status_code == 200 else r.text[:300]))
-
-    def start(self, zp, storage: str) -> None:
-        self._thread.start()
-        self.started = time.monotonic()
-        zp.deploy(self.name, self.version, storage=storage, canary_percent=50, gate=True)
-
-    def finish(self, zp, storage: str) -> None:
-        try:
-            self.outcome = _release_outcome(storage, self.name, self.version)
-            self.took = time.monotonic() - self.started
-        finally:
-            self._stop.set()
-            self._thread.join(timeout=180)
-        (self.row,) = [r for r in zp.serve_status(with_requests=False, storage=storage) if r.name == self.name]
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        zp.deploy("tiny", rec["version"], storage=storage, canary_percent=50, gate=True)
+        outcome = _release_outcome(storage, rec["version"])
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(timeout=180)
+    (row,) = [r for r in zp.serve_status(with_requests=False, storage=storage) if r.name == "tiny"]
+    return rec["version"], outcome, took, results, row
 
 
-@pytest.fixture(scope="module")
-def gated(head, tmp_path_factory):
-    """Two gated releases run at the same time, each on its own application: ``bad``, whose canary has a
-    16-token context (every ``LONG`` request it gets fails), and ``good``, whose canary has 64 tokens.
-    (Together because a release mostly waits for its metric windows: one release's wait covers the other's.)"""
-    zp, storage, _ = head
-    root = tmp_path_factory.mktemp("gated")
-    bad = _GatedRelease(head, root, "gate-bad", 8, n_positions=16)
-    good = _GatedRelease(head, root, "gate-good", 9, n_positions=64)
-    for release in (bad, good):
-        release.start(zp, storage)
-    for release in (bad, good):
-        release.finish(zp, storage)
-    for release in (bad, good):  # their replicas would only take CPU from the tests after these
-        zp.serve_delete(release.name)
-    return {"bad": bad, "good": good}
-
-
-def test_a_canary_whose_error_rate_exceeds_its_gate_is_rolled_back(gated):
-    bad = gated["bad"]
-    assert bad.outcome["status"] == "rolled back", bad.outcome
-    last = bad.outcome["decisions"][-1]
-    assert last["decision"] == "rollback" and "max_error_rate" in last["reason"], bad.outcome["decisions"]
+def test_a_canary_whose_error_rate_exceeds_its_gate_is_rolled_back(head, tmp_path):
+    version, outcome, took, results, row = _gated(head, tmp_path, 8, n_positions=16)
+    assert outcome["status"] == "rolled back", outcome
+    last = outcome["decisions"][-1]
+    assert last["decision"] == "rollback" and "max_error_rate" in last["reason"], outcome["decisions"]
     assert last["numbers"]["canary"]["error_rate"] > 0.05 and last["numbers"]["stable"]["errors"] == 0
-    assert [v["version"] for v in bad.row.versions] == ["v1"] and bad.row.release["status"] == "rolled back"
-    assert {m for s, m in bad.results if s == 200} == {"gate-bad:v1"}  # only the canary failed requests
-    print(f"\ngated release, bad canary {bad.version}: {len(bad.results)} requests, "
-          f"{sum(s != 200 for s, _ in bad.results)} failed (all on the canary); rolled back {bad.took:.1f}s after "
-          f"the canary started: {last['reason']}")
+    assert [v["version"] for v in row.versions] == ["v1"] and row.release["status"] == "rolled back"
+    assert {m for s, m in results if s == 200} == {"tiny:v1"}  # only the canary failed requests
+    print(f"\ngated release, bad canary {version}: {len(results)} requests, "
+          f"{sum(s != 200 for s, _ in results)} failed (all on the canary); rolled back {took:.1f}s after the "
+          f"canary started: {last['reason']}")
 
 
-def test_a_canary_that_meets_its_gates_reaches_100_percent(gated, head):
-    good = gated["good"]
-    assert good.outcome["status"] == "promoted", good.outcome
-    assert [d["decision"] for d in good.outcome["decisions"] if d["decision"] != "wait"] == ["advance"]  # 50->100 %
-    assert [v["version"] for v in good.row.versions] == [good.version]
-    assert good.results and all(s == 200 for s, _ in good.results), [r for r in good.results if r[0] != 200][:5]
-    commands = [e["command"] for e in head[0].serve_history("gate-good", storage=head[1])]
+def test_a_canary_that_meets_its_gates_reaches_100_percent(head, tmp_path):
+    version, outcome, took, results, row = _gated(head, tmp_path, 9, n_positions=64)
+    assert outcome["status"] == "promoted", outcome
+    assert [d["decision"] for d in outcome["decisions"] if d["decision"] != "wait"] == ["advance"]  # 50 % -> 100 %
+    assert [v["version"] for v in row.versions] == [version]
+    assert results and all(s == 200 for s, _ in results), [r for r in results if r[0] != 200][:5]
+    commands = [e["command"] for e in head[0].serve_history("tiny", storage=head[1])]
     assert any("advance to 100%" in c for c in commands), commands
-    print(f"\ngated release, good canary {good.version}: {len(good.results)} requests, 0 failed; 50% -> 100% in "
-          f"{good.took:.1f}s")
+    print(f"\ngated release, good canary {version}: {len(results)} requests, 0 failed; 50% -> 100% in {took:.1f}s")
 
 
 def test_models_gc_removes_exactly_what_no_endpoint_needs(head, tmp_path):
@@ -244,7 +215,7 @@ def test_models_gc_removes_exactly_what_no_endpoint_needs(head, tmp_path):
 
     zp, storage, key = head
     reg = Registry(Storage.from_uri(storage))
-    for seed in (5, 6, 7):  # with v3 (broken) and v4 (unschedulable): versions nobody serves
+    for seed in (5, 6, 7):  # with v3 (broken), v4 (unschedulable) and the gated ones: versions nobody serves
         reg.register("tiny", tiny_version(tmp_path / f"model-{seed}", seed), {"source": {"job_id": "test", "step": seed}})
     url = zp.deploy("tiny", "v1", storage=storage, overrides=SMALL)
     zp.deploy("tiny", "v2", storage=storage, canary_percent=10)
