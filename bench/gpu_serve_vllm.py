@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from _common import at_least, machine, table, write_result
-from serve_bench import GOALS, http_run, mix_bodies, prompt_of
+from serve_bench import GOALS, http_run, load_ratios, mix_bodies, prompt_of
 
 
 def build_model(path: Path, layers: int, width: int):
@@ -58,11 +58,7 @@ def run_engine(url: str, tok, model_field: str, mix: int) -> dict:
     r = {"mix_1": http_run(url, 1, bodies), "mix_16": http_run(url, 16, bodies),
          "stream_1": http_run(url, 1, [stream_body] * 4),
          "stream_16": http_run(url, 16, [stream_body] * 32)}
-    r["ratios"] = {
-        "mix_16_over_1_req_per_s": r["mix_16"]["req_per_s"] / r["mix_1"]["req_per_s"],
-        "streams_16_over_1_tokens_per_s": r["stream_16"]["tokens_per_s"] / r["stream_1"]["tokens_per_s"],
-        "ttft_p95_16_over_p50_1": r["stream_16"]["ttft_p95_ms"] / r["stream_1"]["ttft_p50_ms"],
-    }
+    r["ratios"] = load_ratios(r)
     return r
 
 

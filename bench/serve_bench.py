@@ -237,13 +237,17 @@ def measure_engine(url: str, engine: str, model, tok, model_dir: Path, args, pat
              "stream_16": http_run(url, 16, [stream_body] * 32)}
     finally:
         serve.delete("bench")
-    r["ratios"] = {
+    r["ratios"] = {**load_ratios(r), "serve_over_in_process_p50": path["serve_over_in_process_p50"]}
+    return r
+
+
+def load_ratios(r: dict) -> dict:
+    """The mix, streams and TTFT ratios of a round's ``mix_1``/``mix_16``/``stream_1``/``stream_16`` runs."""
+    return {
         "mix_16_over_1_req_per_s": r["mix_16"]["req_per_s"] / r["mix_1"]["req_per_s"],
         "streams_16_over_1_tokens_per_s": r["stream_16"]["tokens_per_s"] / r["stream_1"]["tokens_per_s"],
-        "serve_over_in_process_p50": path["serve_over_in_process_p50"],
         "ttft_p95_16_over_p50_1": r["stream_16"]["ttft_p95_ms"] / r["stream_1"]["ttft_p50_ms"],
     }
-    return r
 
 
 def main() -> int:
